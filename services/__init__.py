@@ -1,0 +1,1 @@
+"""ragtune's internal services: retriever, generator and trainer, one folder each."""

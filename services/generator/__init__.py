@@ -1,0 +1,1 @@
+"""Generator service: vLLM serving the base model and LoRA adapters, with streaming."""

@@ -1,0 +1,1 @@
+"""Retriever service: tenant-scoped collections, chunking, embedding and hybrid search."""
