@@ -33,6 +33,11 @@ class ServiceSettings(BaseSettings):
         validation_alias="RAGTUNE_MODEL_CACHE",
         description="Where the base model prepared at setup lives.",
     )
+    adapter_registry: Path | None = Field(
+        None,
+        validation_alias="RAGTUNE_ADAPTER_REGISTRY",
+        description="Root of the adapter registry; default <RAGTUNE_HOME>/adapters.",
+    )
     log_level: str = Field("INFO", validation_alias="RAGTUNE_LOG_LEVEL")
     log_format: Literal["json", "text"] = Field("json", validation_alias="RAGTUNE_LOG_FORMAT")
     internal_token: SecretStr | None = Field(
@@ -40,6 +45,10 @@ class ServiceSettings(BaseSettings):
         validation_alias="RAGTUNE_INTERNAL_TOKEN",
         description="If set, internal services accept calls only with this token (the gateway sends it).",
     )
+
+    @property
+    def registry_root(self) -> Path:
+        return self.adapter_registry or self.home / "adapters"
 
     @property
     def address(self) -> str:

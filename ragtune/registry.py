@@ -1,0 +1,153 @@
+"""The adapter registry: a folder tree `<root>/<tenant>/<name>/<version>/` that the trainer writes
+and the generator reads.
+
+Each version folder holds PEFT's `adapter_config.json` with safetensors weights and a
+`ragtune.json` of metadata (base model, method, hyperparameters, dataset hash, metrics,
+created time). Versions are published atomically (written to a staging folder, then renamed),
+so a reader never sees a half-written adapter. Names are validated and every resolved path
+must stay inside the root (no `..`, no absolute paths, no symlinks leading out).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ragtune.errors import InvalidArgument, NotFound
+
+METADATA_FILE = "ragtune.json"
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+_STAGING = ".staging"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    tenant: str
+    name: str
+    version: int
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def registry_path(self) -> str:
+        return f"{self.tenant}/{self.name}/{self.version}"
+
+
+def parse_adapter_ref(ref: str, field: str = "adapter") -> tuple[str, int | None]:
+    """Splits "<name>" or "<name>/<version>" and validates both parts (rejects '..', absolute paths)."""
+    if not ref:
+        raise InvalidArgument(field, "must not be empty")
+    parts = ref.split("/")
+    if len(parts) > 2 or not _NAME_RE.match(parts[0]):
+        raise InvalidArgument(
+            field, f"{ref!r} is not '<name>' or '<name>/<version>' (name: a letter, then letters, digits, '_' or '-')"
+        )
+    if len(parts) == 1:
+        return parts[0], None
+    if not parts[1].isdigit() or int(parts[1]) < 1:
+        raise InvalidArgument(field, f"version in {ref!r} must be a positive integer")
+    return parts[0], int(parts[1])
+
+
+def validate_name(name: str, field: str = "name") -> str:
+    if not _NAME_RE.match(name or ""):
+        raise InvalidArgument(field, "must be a letter, then up to 63 letters, digits, '_' or '-'")
+    return name
+
+
+class AdapterRegistry:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _inside(self, path: Path, field: str) -> Path:
+        real_root = self.root.resolve()
+        real = path.resolve()
+        if real != real_root and real_root not in real.parents:
+            raise InvalidArgument(field, "resolves outside the adapter registry")
+        return real
+
+    def _name_dir(self, tenant: str, name: str) -> Path:
+        return self.root / tenant / validate_name(name)
+
+    def versions(self, tenant: str, name: str) -> list[int]:
+        folder = self._name_dir(tenant, name)
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / METADATA_FILE).exists())
+
+    def get(self, tenant: str, ref: str, field: str = "adapter") -> AdapterVersion:
+        """Resolves "<name>" (newest) or "<name>/<version>" for a tenant; NOT_FOUND if absent."""
+        name, version = parse_adapter_ref(ref, field)
+        versions = self.versions(tenant, name)
+        if not versions:
+            raise NotFound(f"{field}: no adapter named {name!r}")
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise NotFound(f"{field}: adapter {name!r} has no version {version}")
+        path = self._inside(self._name_dir(tenant, name) / str(version), field)
+        metadata = json.loads((path / METADATA_FILE).read_text())
+        return AdapterVersion(tenant, name, version, path, metadata)
+
+    def list(self, tenant: str) -> list[AdapterVersion]:
+        tenant_dir = self.root / tenant
+        if not tenant_dir.is_dir():
+            return []
+        found = []
+        for name_dir in sorted(tenant_dir.iterdir()):
+            if _NAME_RE.match(name_dir.name):
+                for version in self.versions(tenant, name_dir.name):
+                    found.append(self.get(tenant, f"{name_dir.name}/{version}"))
+        return found
+
+    @contextmanager
+    def _lock(self, tenant: str) -> Iterator[None]:
+        (self.root / tenant).mkdir(parents=True, exist_ok=True)
+        with open(self.root / tenant / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def publish(self, tenant: str, name: str, source: Path, metadata: dict[str, Any]) -> AdapterVersion:
+        """Copies an adapter folder in as the next version of `name`, atomically."""
+        validate_name(name, "adapter_name")
+        staging_root = self.root / _STAGING
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=staging_root))
+        try:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+            with self._lock(tenant):
+                version = (self.versions(tenant, name) or [0])[-1] + 1
+                final = self._name_dir(tenant, name) / str(version)
+                meta = {**metadata, "tenant": tenant, "name": name, "version": version}
+                (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.get(tenant, f"{name}/{version}")
+
+    def delete(self, tenant: str, name: str, version: int | None = None) -> int:
+        """Deletes one version, or every version when version is None; returns how many."""
+        with self._lock(tenant):
+            versions = self.versions(tenant, name)
+            doomed = versions if version is None else [v for v in versions if v == version]
+            if not doomed:
+                raise NotFound(f"no adapter {name!r}" + ("" if version is None else f" version {version}"))
+            for v in doomed:
+                target = self._name_dir(tenant, name) / str(v)
+                # Rename first so readers never see a partly deleted version.
+                trash = self.root / _STAGING / f"deleted-{tenant}-{name}-{v}-{os.getpid()}"
+                os.rename(target, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        return len(doomed)
