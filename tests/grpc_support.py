@@ -48,3 +48,47 @@ def start_service_process(module: str, env: dict[str, str], log_path: Path) -> s
     return subprocess.Popen(
         [sys.executable, "-m", module], cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
     )
+
+
+class InProcessServer:
+    """Runs a ragtune Service under ServiceHost on port 0 in a background event loop, so plain
+    synchronous tests can call it over a real socket. Use as a context manager or call stop()."""
+
+    def __init__(self, service_factory, settings, name: str, extra_interceptors=()):
+        import asyncio
+        import threading
+
+        from ragtune.server import ServiceHost
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"{name}-loop", daemon=True)
+        self._thread.start()
+
+        async def build_and_start():
+            host = ServiceHost(service_factory(settings), settings, name=name, extra_interceptors=extra_interceptors)
+            port = await host.start()
+            return host, port
+
+        self.host, self.port = asyncio.run_coroutine_threadsafe(build_and_start(), self._loop).result(timeout=900)
+        self.address = f"127.0.0.1:{self.port}"
+        self.service = self.host.service
+
+    def call(self, coro, timeout: float = 600):
+        """Runs a coroutine on the server's loop (e.g. to inspect the service's engine) and returns its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._loop.is_closed():
+            return
+        self.call(self.host.stop(grace))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
