@@ -81,6 +81,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK):
                 code = grpc.StatusCode.INTERNAL
             await context.abort(code, exc.details() or code.name, exc.trailing_metadata() or ())
+        if isinstance(exc, NotImplementedError):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
         ref = uuid.uuid4().hex[:12]
         log.error("unhandled error in %s (ref %s)", method, ref, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
