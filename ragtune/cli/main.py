@@ -1,0 +1,341 @@
+"""`ragtune`: ingest, ask, fine-tune and manage adapters through the gateway; `ragtune up` runs it all locally."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+
+from ragtune.cli.client import DEFAULT_GATEWAY, GatewayClient, describe_error, resolve_api_key
+from ragtune.v1 import common_pb2, gateway_pb2, generator_pb2, retriever_pb2, trainer_pb2
+
+_TEXT_SUFFIXES = {".txt", ".md", ".rst"}
+_BATCH_DOCS = 16
+_UPLOAD_CHUNK = 1 << 20
+
+
+def _client(args) -> GatewayClient:
+    return GatewayClient(args.gateway, resolve_api_key(args.api_key))
+
+
+def iter_documents(paths: list[str]) -> Iterator[retriever_pb2.Document]:
+    """Documents from text files (id = file stem), folders of them, and JSONL files of {id, text, metadata}."""
+    for raw in paths:
+        path = Path(raw)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file.suffix == ".jsonl":
+                for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+                    if line.strip():
+                        item = json.loads(line)
+                        doc = retriever_pb2.Document(id=str(item["id"]), text=item["text"])
+                        for key, value in (item.get("metadata") or {}).items():
+                            doc.metadata[key].CopyFrom(_value(value))
+                        yield doc
+            elif file.suffix in _TEXT_SUFFIXES:
+                yield retriever_pb2.Document(id=file.stem, text=file.read_text(encoding="utf-8"))
+
+
+def _value(v) -> common_pb2.Value:
+    if isinstance(v, bool):
+        return common_pb2.Value(bool_value=v)
+    if isinstance(v, int):
+        return common_pb2.Value(int_value=v)
+    if isinstance(v, float):
+        return common_pb2.Value(double_value=v)
+    return common_pb2.Value(string_value=str(v))
+
+
+def ensure_collection(client: GatewayClient, name: str) -> None:
+    try:
+        client.call("GetCollection", gateway_pb2.GatewayServiceGetCollectionRequest(
+            request=retriever_pb2.GetCollectionRequest(name=name)))
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        client.call("CreateCollection", gateway_pb2.GatewayServiceCreateCollectionRequest(
+            request=retriever_pb2.CreateCollectionRequest(collection=retriever_pb2.Collection(name=name))))
+
+
+def ingest(client: GatewayClient, collection: str, docs: list[retriever_pb2.Document], quiet: bool = False) -> dict:
+    """Upserts documents in batches with a progress bar; returns the totals."""
+    from tqdm import tqdm
+
+    ensure_collection(client, collection)
+    totals = {"upserted": 0, "unchanged": 0, "chunks": 0}
+    with tqdm(total=len(docs), unit="doc", desc=f"ingest -> {collection}", disable=quiet) as bar:
+        for start in range(0, len(docs), _BATCH_DOCS):
+            batch = docs[start:start + _BATCH_DOCS]
+            reply = client.call("UpsertDocuments", gateway_pb2.GatewayServiceUpsertDocumentsRequest(
+                request=retriever_pb2.UpsertDocumentsRequest(collection=collection, documents=batch))).response
+            totals["upserted"] += reply.upserted
+            totals["unchanged"] += reply.unchanged
+            totals["chunks"] += reply.chunks
+            bar.update(len(batch))
+            bar.set_postfix(chunks=totals["chunks"])
+    return totals
+
+
+def ask(client: GatewayClient, question: str, *, collection: str = "", adapter: str = "", top_k: int = 0,
+        no_retrieval: bool = False, max_tokens: int = 0, out=sys.stdout) -> gateway_pb2.AskDone:
+    """Streams an answer to `out`, then prints its sources; returns the final message."""
+    q = gateway_pb2.AskQuestion(question=question, collection=collection, adapter=adapter, top_k=top_k,
+                                no_retrieval=no_retrieval)
+    if max_tokens:
+        q.sampling.max_tokens = max_tokens
+    done = gateway_pb2.AskDone()
+    for event in client.stream("AskStream", gateway_pb2.AskStreamRequest(question=q)):
+        kind = event.WhichOneof("event")
+        if kind == "delta":
+            out.write(event.delta)
+            out.flush()
+        elif kind == "done":
+            done = event.done
+    out.write("\n")
+    for c in done.citations:
+        mark = " (inferred)" if c.inferred else ""
+        out.write(f"  [{c.number}] {c.document_id} chunk {c.chunk_index} score {c.score:.3f}{mark}\n")
+    t = done.timing
+    out.write(f"  ({done.usage.completion_tokens} tokens; first token {t.time_to_first_token_ms:.0f} ms, "
+              f"total {t.total_ms:.0f} ms)\n")
+    return done
+
+
+def upload_dataset(client: GatewayClient, path: Path, name: str) -> trainer_pb2.UploadDatasetResponse:
+    data = path.read_bytes()
+    requests = [
+        gateway_pb2.GatewayServiceUploadDatasetRequest(request=trainer_pb2.UploadDatasetRequest(
+            name=name if i == 0 else "", content=data[i:i + _UPLOAD_CHUNK]))
+        for i in range(0, max(len(data), 1), _UPLOAD_CHUNK)
+    ]
+    return client.stream_in("UploadDataset", requests).response
+
+
+def watch_job(client: GatewayClient, job_id: str, quiet: bool = False) -> trainer_pb2.Job:
+    """Follows a job's events with a progress bar until it ends; returns the final job."""
+    from tqdm import tqdm
+
+    bar = None
+    stream = client.stream("WatchJob", gateway_pb2.GatewayServiceWatchJobRequest(
+        request=trainer_pb2.WatchJobRequest(id=job_id)))
+    for item in stream:
+        event = item.response.event
+        kind = event.WhichOneof("event")
+        if kind == "progress":
+            p = event.progress
+            if bar is None:
+                bar = tqdm(total=p.total_steps, unit="step", desc=f"train {job_id[:8]}", disable=quiet)
+            bar.n = p.step
+            bar.set_postfix(loss=f"{p.train_loss:.3f}", tok_s=f"{p.tokens_per_second:.0f}")
+            bar.refresh()
+        elif kind == "state_changed" and not quiet:
+            (bar.write if bar else print)(f"job {job_id[:8]}: {trainer_pb2.JobState.Name(event.state_changed)}")
+        elif kind == "epoch_end" and not quiet and bar:
+            e = event.epoch_end
+            val = f", validation loss {e.validation_loss:.3f}" if e.HasField("validation_loss") else ""
+            bar.write(f"epoch {e.epoch}: train loss {e.train_loss:.3f}{val}")
+    if bar:
+        bar.close()
+    return client.call("GetJob", gateway_pb2.GatewayServiceGetJobRequest(
+        request=trainer_pb2.GetJobRequest(id=job_id))).response.job
+
+
+def _cmd_ingest(args) -> int:
+    client = _client(args)
+    docs = list(iter_documents(args.paths))
+    if not docs:
+        print("no documents found (.txt, .md, .rst files, or .jsonl of {id, text, metadata})", file=sys.stderr)
+        return 2
+    totals = ingest(client, args.collection, docs)
+    print(f"{totals['upserted']} documents written ({totals['chunks']} chunks), {totals['unchanged']} unchanged")
+    return 0
+
+
+def _cmd_ask(args) -> int:
+    client = _client(args)
+    if args.no_stream:
+        q = gateway_pb2.AskQuestion(question=args.question, collection=args.collection, adapter=args.adapter or "",
+                                    top_k=args.top_k, no_retrieval=args.no_retrieval)
+        reply = client.call("Ask", gateway_pb2.AskRequest(question=q))
+        print(reply.answer)
+        for c in reply.citations:
+            print(f"  [{c.number}] {c.document_id} chunk {c.chunk_index} score {c.score:.3f}")
+        return 0
+    ask(client, args.question, collection=args.collection, adapter=args.adapter or "", top_k=args.top_k,
+        no_retrieval=args.no_retrieval)
+    return 0
+
+
+def _job_spec(args) -> trainer_pb2.JobSpec:
+    spec = trainer_pb2.JobSpec(adapter_name=args.name, dataset=args.dataset_name or Path(args.dataset).stem,
+                               method=trainer_pb2.TrainingMethod.Value(f"TRAINING_METHOD_{args.method.upper()}"))
+    hp = spec.hyperparameters
+    hp.epochs, hp.max_steps, hp.batch_size, hp.max_seq_len = args.epochs, args.max_steps, args.batch_size, args.max_seq_len
+    if args.learning_rate:
+        hp.learning_rate = args.learning_rate
+    if args.rank:
+        spec.lora.r = args.rank
+    return spec
+
+
+def _cmd_finetune(args) -> int:
+    client = _client(args)
+    if args.action == "create":
+        spec = _job_spec(args)
+        uploaded = upload_dataset(client, Path(args.dataset), spec.dataset)
+        print(f"uploaded {uploaded.name}: {uploaded.lines} lines, sha256 {uploaded.sha256[:12]}")
+        job = client.call("CreateJob", gateway_pb2.GatewayServiceCreateJobRequest(
+            request=trainer_pb2.CreateJobRequest(spec=spec))).response.job
+        print(f"job {job.id} {trainer_pb2.JobState.Name(job.state)}")
+        if args.watch:
+            job = watch_job(client, job.id)
+            _print_job(job)
+        return 0
+    if args.action == "watch":
+        _print_job(watch_job(client, args.job_id))
+        return 0
+    if args.action == "list":
+        jobs = client.call("ListJobs", gateway_pb2.GatewayServiceListJobsRequest(
+            request=trainer_pb2.ListJobsRequest())).response.jobs
+        for job in jobs:
+            print(f"{job.id}  {trainer_pb2.JobState.Name(job.state)[10:]:<10} {job.spec.adapter_name:<24} "
+                  f"step {job.step}/{job.total_steps}  {job.adapter_path}")
+        return 0
+    job = client.call("CancelJob", gateway_pb2.GatewayServiceCancelJobRequest(
+        request=trainer_pb2.CancelJobRequest(id=args.job_id))).response.job
+    _print_job(job)
+    return 0
+
+
+def _print_job(job: trainer_pb2.Job) -> None:
+    line = f"job {job.id}: {trainer_pb2.JobState.Name(job.state)}"
+    if job.adapter_path:
+        line += f" -> adapter {job.adapter_path}"
+    if job.error:
+        line += f" ({job.error})"
+    print(line)
+    for problem in job.dataset_problems:
+        print(f"  line {problem.line}: {problem.field} {problem.message}")
+
+
+def _cmd_adapters(args) -> int:
+    client = _client(args)
+    if args.action == "list":
+        for a in client.call("ListAdapters", gateway_pb2.GatewayServiceListAdaptersRequest(
+                request=trainer_pb2.ListAdaptersRequest())).response.adapters:
+            method = trainer_pb2.TrainingMethod.Name(a.method)[16:].lower()
+            print(f"{a.name}/{a.version}  {method:<14} servable={a.servable}  base={a.base_model}")
+        loaded = client.call("ListLoadedAdapters", gateway_pb2.GatewayServiceListLoadedAdaptersRequest(
+            request=generator_pb2.GeneratorServiceListAdaptersRequest())).response.adapters
+        print("loaded in the generator: " + (", ".join(a.name for a in loaded) or "none"))
+    elif args.action == "load":
+        a = client.call("LoadAdapter", gateway_pb2.GatewayServiceLoadAdapterRequest(
+            request=generator_pb2.LoadAdapterRequest(name=args.name))).response.adapter
+        print(f"loaded {a.name} (rank {a.rank})")
+    else:
+        client.call("UnloadAdapter", gateway_pb2.GatewayServiceUnloadAdapterRequest(
+            request=generator_pb2.UnloadAdapterRequest(name=args.name)))
+        print(f"unloaded {args.name}")
+    return 0
+
+
+def _cmd_keys(args) -> int:
+    from gateway.auth import new_key_entry
+
+    key, entry = new_key_entry(args.tenant, args.scopes.split(","))
+    path = Path(args.file)
+    data = json.loads(path.read_text()) if path.exists() else {"keys": []}
+    data["keys"].append(entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    os.chmod(path, 0o600)
+    print(f"added a key for tenant {args.tenant} ({args.scopes}) to {path}; it is shown only now:\n{key}")
+    return 0
+
+
+def _cmd_up(args) -> int:
+    from ragtune.launcher import run_up
+
+    return run_up(demo=args.demo, exit_after=args.exit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ragtune", description=__doc__)
+    parser.add_argument("--gateway", default=os.environ.get("RAGTUNE_GATEWAY_URL", DEFAULT_GATEWAY),
+                        help="gateway host:port (env RAGTUNE_GATEWAY_URL)")
+    parser.add_argument("--api-key", default=None, help="API key (env RAGTUNE_API_KEY; default the local dev key)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="start the four services locally and wait until they serve")
+    p.add_argument("--demo", action="store_true", help="then ingest, ask, fine-tune and ask again")
+    p.add_argument("--exit", action="store_true", help="stop the services after the demo instead of serving on")
+    p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("ingest", help="ingest text files, folders or JSONL into a collection")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--collection", "-c", default="docs")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("ask", help="ask a question (streams the answer with its citations)")
+    p.add_argument("question")
+    p.add_argument("--collection", "-c", default="docs")
+    p.add_argument("--adapter", "-a", default="")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--no-retrieval", action="store_true", help="plain generation, no context")
+    p.add_argument("--no-stream", action="store_true")
+    p.set_defaults(func=_cmd_ask)
+
+    p = sub.add_parser("finetune", help="fine-tuning jobs")
+    fs = p.add_subparsers(dest="action", required=True)
+    c = fs.add_parser("create", help="upload a JSONL dataset and start a job")
+    c.add_argument("--name", required=True, help="adapter name to register")
+    c.add_argument("--dataset", required=True, help="JSONL file (chat, prompt/completion, instruction or preference)")
+    c.add_argument("--dataset-name", default="")
+    c.add_argument("--method", default="lora", choices=["lora", "selective", "ia3", "prompt_tuning", "dpo"])
+    c.add_argument("--epochs", type=int, default=1)
+    c.add_argument("--max-steps", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=0)
+    c.add_argument("--max-seq-len", type=int, default=0)
+    c.add_argument("--learning-rate", type=float, default=0.0)
+    c.add_argument("--rank", type=int, default=0)
+    c.add_argument("--watch", action="store_true", help="follow progress until the job ends")
+    for action in ("watch", "cancel"):
+        fs.add_parser(action).add_argument("job_id")
+    fs.add_parser("list")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("adapters", help="adapters in the registry and the generator")
+    as_ = p.add_subparsers(dest="action", required=True)
+    as_.add_parser("list")
+    for action in ("load", "unload"):
+        as_.add_parser(action).add_argument("name", help="<name> or <name>/<version>")
+    p.set_defaults(func=_cmd_adapters)
+
+    p = sub.add_parser("keys", help="create an API key (stored hashed in the gateway's keys file)")
+    p.add_argument("action", choices=["create"])
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--scopes", default="read,ingest,train")
+    p.add_argument("--file", required=True, help="the keys file (RAGTUNE_GATEWAY_API_KEYS_FILE)")
+    p.set_defaults(func=_cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`ragtune up`: runs the four services locally as child processes, waits until each is SERVING,
+optionally runs the demo, and stops them in order (gateway first) on Ctrl-C or SIGTERM.
+
+First run creates a local API key (tenant "demo", every scope): its hash goes in
+<RAGTUNE_HOME>/gateway/api-keys.json and the key itself in <RAGTUNE_HOME>/dev-api-key (mode 600),
+where the CLI finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ragtune.cli.client import dev_key_path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class LocalService:
+    name: str
+    module: str
+    prefix: str
+    port: int
+    health_name: str
+
+
+SERVICES = (
+    LocalService("retriever", "services.retriever", "RAGTUNE_RETRIEVER_", 50052, "ragtune.v1.RetrieverService"),
+    LocalService("generator", "services.generator", "RAGTUNE_GENERATOR_", 50053, "ragtune.v1.GeneratorService"),
+    LocalService("trainer", "services.trainer", "RAGTUNE_TRAINER_", 50054, "ragtune.v1.TrainerService"),
+    LocalService("gateway", "gateway", "RAGTUNE_GATEWAY_", 50051, "ragtune.v1.GatewayService"),
+)
+
+
+def _home() -> Path:
+    return Path(os.environ.get("RAGTUNE_HOME", Path("~/.cache/ragtune").expanduser()))
+
+
+def ensure_dev_key(home: Path) -> Path:
+    """Creates the local keys file with one admin key for tenant 'demo' unless one exists."""
+    from gateway.auth import new_key_entry
+
+    keys_file = home / "gateway" / "api-keys.json"
+    if keys_file.exists() and dev_key_path().exists():
+        return keys_file
+    key, entry = new_key_entry("demo", ["admin"])
+    keys_file.parent.mkdir(parents=True, exist_ok=True)
+    keys_file.write_text(json.dumps({"keys": [entry]}, indent=2))
+    dev_key_path().write_text(key + "\n")
+    os.chmod(dev_key_path(), 0o600)
+    return keys_file
+
+
+def _port(service: LocalService) -> int:
+    return int(os.environ.get(f"{service.prefix}PORT", service.port))
+
+
+def _status(address: str, name: str) -> int | None:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
+        except grpc.RpcError:
+            return None
+
+
+class LocalSuite:
+    def __init__(self, home: Path):
+        self.home = home
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = home / "logs"
+
+    def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        keys_file = ensure_dev_key(self.home)
+        env = {**os.environ, "RAGTUNE_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
+               "RAGTUNE_GATEWAY_API_KEYS_FILE": str(keys_file)}
+        for s in SERVICES:
+            env[f"{s.prefix}PORT"] = str(_port(s))
+        env.setdefault("RAGTUNE_GATEWAY_RETRIEVER_ADDRESS", f"127.0.0.1:{_port(SERVICES[0])}")
+        env.setdefault("RAGTUNE_GATEWAY_GENERATOR_ADDRESS", f"127.0.0.1:{_port(SERVICES[1])}")
+        env.setdefault("RAGTUNE_GATEWAY_TRAINER_ADDRESS", f"127.0.0.1:{_port(SERVICES[2])}")
+        for s in SERVICES:
+            address = f"127.0.0.1:{_port(s)}"
+            if _status(address, "") is not None:
+                raise RuntimeError(f"something already answers on {address}; stop it or set {s.prefix}PORT")
+            log = open(self.logs / f"{s.name}.log", "ab")
+            self.procs[s.name] = subprocess.Popen(
+                [sys.executable, "-m", s.module], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches only the launcher, which stops them in order
+            )
+            print(f"started {s.name:<9} on 127.0.0.1:{_port(s)} (log {self.logs / (s.name + '.log')})")
+
+    def wait_serving(self, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        pending = {s.name: s for s in SERVICES}
+        started = time.monotonic()
+        while pending:
+            for name, s in list(pending.items()):
+                proc = self.procs[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.logs / (name + '.log')}")
+                if _status(f"127.0.0.1:{_port(s)}", s.health_name) == health_pb2.HealthCheckResponse.SERVING:
+                    print(f"{name:<9} SERVING after {time.monotonic() - started:.0f} s")
+                    del pending[name]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not SERVING after {timeout} s: {', '.join(pending)}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        for s in reversed(SERVICES):  # gateway first, so no new work reaches the others
+            proc = self.procs.get(s.name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                print(f"stopped {s.name} (exit {proc.returncode})")
+
+
+def run_up(demo: bool = False, exit_after: bool = False) -> int:
+    suite = LocalSuite(_home())
+    stop_requested = False
+
+    def on_signal(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        suite.start()
+        suite.wait_serving()
+        print(f"\nragtune is up: gateway at 127.0.0.1:{_port(SERVICES[-1])}, API key in {dev_key_path()}")
+        if demo:
+            from ragtune.cli.demo import run_demo
+
+            run_demo(f"127.0.0.1:{_port(SERVICES[-1])}", dev_key_path().read_text().strip())
+        if exit_after:
+            return 0
+        print("Serving; press Ctrl-C to stop.")
+        while all(p.poll() is None for p in suite.procs.values()):
+            time.sleep(1)
+        dead = [n for n, p in suite.procs.items() if p.poll() is not None]
+        print(f"stopping: {', '.join(dead)} exited")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        suite.stop()
