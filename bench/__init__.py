@@ -1,0 +1,1 @@
+"""Benchmarks: each module measures one service and writes JSON under bench/results/."""
