@@ -259,6 +259,25 @@ def _cmd_keys(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from ragtune.cli.evaluate import print_summary, run_evaluation
+
+    spec = gateway_pb2.EvaluationSpec(eval_set=Path(args.eval_set).read_bytes(), collection=args.collection,
+                                      adapter=args.adapter, top_k=args.top_k)
+    for arm in args.arms or []:
+        spec.arms.append(gateway_pb2.EvaluationArm.Value(f"EVALUATION_ARM_{arm.upper()}"))
+    spec.constraints.data_change = args.data_change
+    if args.latency_budget_ms:
+        spec.constraints.latency_budget_ms = args.latency_budget_ms
+    if args.cost_budget_tokens:
+        spec.constraints.cost_budget_tokens = args.cost_budget_tokens
+    if args.max_tokens:
+        spec.sampling.max_tokens = args.max_tokens
+    reply = run_evaluation(_client(args), spec, Path(args.out))
+    print_summary(reply, Path(args.out))
+    return 0 if reply.evaluation.state == gateway_pb2.EVALUATION_STATE_SUCCEEDED else 1
+
+
 def _cmd_up(args) -> int:
     from ragtune.launcher import run_up
 
@@ -316,6 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("load", "unload"):
         as_.add_parser(action).add_argument("name", help="<name> or <name>/<version>")
     p.set_defaults(func=_cmd_adapters)
+
+    p = sub.add_parser("eval", help="compare base, RAG, fine-tuned and RAG + fine-tuned on an eval set")
+    p.add_argument("--eval-set", required=True, help="JSONL: question, answers (or answer), id?, gold_document_ids?")
+    p.add_argument("--collection", "-c", default="")
+    p.add_argument("--adapter", "-a", default="")
+    p.add_argument("--arms", nargs="*", choices=["base", "rag", "finetuned", "rag_finetuned"])
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=0)
+    p.add_argument("--data-change", default="monthly", choices=["static", "monthly", "weekly", "daily", "realtime"])
+    p.add_argument("--latency-budget-ms", type=float, default=0.0)
+    p.add_argument("--cost-budget-tokens", type=float, default=0.0)
+    p.add_argument("--out", default="eval-report", help="folder for report.md and report.html")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("keys", help="create an API key (stored hashed in the gateway's keys file)")
     p.add_argument("action", choices=["create"])
