@@ -16,6 +16,7 @@ from ragtune.models import base_model_dir
 from ragtune.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import ApiKeyStore, Scope
 from gateway.downstream import CallBudget, Downstream
+from gateway.evaluation.runner import EvaluationRunner
 from gateway.rag import AskPipeline, TokenCounter
 from gateway.settings import GatewaySettings
 
@@ -62,14 +63,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._down: Downstream | None = None
         self._pipeline: AskPipeline | None = None
 
-    def attach(self, keys: ApiKeyStore, downstream: Downstream, pipeline: AskPipeline) -> None:
-        self._keys, self._down, self._pipeline = keys, downstream, pipeline
+    def attach(self, keys: ApiKeyStore, downstream: Downstream, pipeline: AskPipeline,
+               evaluations: EvaluationRunner) -> None:
+        self._keys, self._down, self._pipeline, self._evaluations = keys, downstream, pipeline, evaluations
 
-    def _authorize(self, context: grpc.aio.ServicerContext, scope: Scope) -> CallBudget:
+    def _authorize(self, context: grpc.aio.ServicerContext, *scopes: Scope) -> CallBudget:
         if self._pipeline is None:
             raise Unavailable("the gateway is still starting")
         principal = self._keys.authenticate(context.invocation_metadata())
-        principal.require(scope)
+        for scope in scopes:
+            principal.require(scope)
         return CallBudget.from_context(context, principal.tenant, self._settings.default_timeout_s)
 
     async def Ask(self, request, context):
@@ -80,6 +83,37 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         budget = self._authorize(context, Scope.READ)
         async for event in self._pipeline.stream(request.question, budget):
             yield event
+
+    async def CreateEvaluation(self, request, context):
+        # Measuring knowledge-update cost trains an adapter, so it needs the train scope too.
+        scopes = (Scope.READ, Scope.TRAIN) if request.spec.HasField("knowledge_update") else (Scope.READ,)
+        budget = self._authorize(context, *scopes)
+        evaluation = await self._evaluations.create(budget.tenant, request.spec, budget)
+        return gateway_pb2.CreateEvaluationResponse(evaluation=evaluation)
+
+    async def GetEvaluation(self, request, context):
+        budget = self._authorize(context, Scope.READ)
+        job = self._evaluations.get(budget.tenant, request.id)
+        reply = gateway_pb2.GetEvaluationResponse(evaluation=job.snapshot)
+        if request.include_report:
+            for name, attr in (("report.md", "report_markdown"), ("report.html", "report_html")):
+                path = job.folder / name
+                if path.exists():
+                    setattr(reply, attr, path.read_text(encoding="utf-8"))
+        return reply
+
+    async def ListEvaluations(self, request, context):
+        budget = self._authorize(context, Scope.READ)
+        return gateway_pb2.ListEvaluationsResponse(evaluations=self._evaluations.list(budget.tenant))
+
+    async def WatchEvaluation(self, request, context):
+        budget = self._authorize(context, Scope.READ)
+        async for snapshot in self._evaluations.watch(budget.tenant, request.id):
+            yield gateway_pb2.WatchEvaluationResponse(evaluation=snapshot)
+
+    async def CancelEvaluation(self, request, context):
+        budget = self._authorize(context, Scope.READ)
+        return gateway_pb2.CancelEvaluationResponse(evaluation=await self._evaluations.cancel(budget.tenant, request.id))
 
 
 def _unary_forward(name: str, service: str, method: str, scope: Scope, idempotent: bool):
@@ -142,6 +176,7 @@ class GatewayService:
         self.settings = settings
         self.servicer = GatewayServicer(settings)
         self.downstream: Downstream | None = None
+        self.evaluations: EvaluationRunner | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self.servicer, server)
@@ -161,8 +196,11 @@ class GatewayService:
             self.downstream, counter, default_top_k=s.default_top_k, max_top_k=s.max_top_k,
             default_max_tokens=s.default_max_tokens,
         )
-        self.servicer.attach(keys, self.downstream, pipeline)
+        self.evaluations = EvaluationRunner(pipeline, self.downstream, s.home / "gateway" / "evaluations")
+        self.servicer.attach(keys, self.downstream, pipeline, self.evaluations)
 
     async def stop(self) -> None:
+        if self.evaluations is not None:
+            await self.evaluations.close()
         if self.downstream is not None:
             await self.downstream.close()

@@ -5,7 +5,10 @@ one trace spanning gateway -> retriever -> generator."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -224,3 +227,100 @@ def test_one_trace_spans_gateway_retriever_and_generator(suite, spans):
     # The gateway's client spans sit between its server span and each service's server span.
     assert any(s.kind == trace.SpanKind.CLIENT for s in ancestors(search))
     assert any(s.kind == trace.SpanKind.CLIENT for s in ancestors(generate))
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+EVAL_SET = "\n".join(json.dumps(item) for item in [
+    {"id": "z", "question": "In which month is the Zorblax festival held?", "answers": ["March"],
+     "gold_document_ids": ["zorblax"]},
+    {"id": "v", "question": "What is the capital city of Velmora?", "answers": ["Ostrel"],
+     "gold_document_ids": ["velmora"]},
+    {"id": "k", "question": "Who invented the Kettering process?", "answers": ["Ada Kettering"],
+     "gold_document_ids": ["kettering"]},
+]).encode()
+
+
+def _evaluate(stub, auth, spec: gateway_pb2.EvaluationSpec) -> gateway_pb2.GetEvaluationResponse:
+    created = stub.CreateEvaluation(gateway_pb2.CreateEvaluationRequest(spec=spec), metadata=auth, timeout=60)
+    snapshots = [u.evaluation for u in stub.WatchEvaluation(
+        gateway_pb2.WatchEvaluationRequest(id=created.evaluation.id), metadata=auth, timeout=600)]
+    assert snapshots[-1].state != gateway_pb2.EVALUATION_STATE_RUNNING
+    done = [s.answers_done for s in snapshots]
+    assert done == sorted(done), "progress never goes back"
+    return stub.GetEvaluation(gateway_pb2.GetEvaluationRequest(id=created.evaluation.id, include_report=True),
+                              metadata=auth, timeout=60)
+
+
+def test_a_small_evaluation_runs_end_to_end(suite):
+    from gateway.evaluation.metrics import token_f1
+
+    stub, auth = suite
+    spec = gateway_pb2.EvaluationSpec(eval_set=EVAL_SET, collection="facts", top_k=2,
+                                      arms=[gateway_pb2.EVALUATION_ARM_BASE, gateway_pb2.EVALUATION_ARM_RAG])
+    spec.sampling.max_tokens = 24
+    reply = _evaluate(stub, auth["acme"], spec)
+    e = reply.evaluation
+    assert e.state == gateway_pb2.EVALUATION_STATE_SUCCEEDED, e.error
+    assert (e.questions, e.answers_done, e.answers_total) == (3, 6, 6)
+    arms = {a.arm: a for a in e.arms}
+    base, rag = arms[gateway_pb2.EVALUATION_ARM_BASE], arms[gateway_pb2.EVALUATION_ARM_RAG]
+    assert not base.failed and not rag.failed
+    assert rag.recall_at_k == 1.0 and rag.mrr == 1.0  # each question's own fact ranks first
+    assert not base.HasField("recall_at_k")  # no retrieval, no retrieval metrics
+    # The facts are invented: only the retrieval arm can know them.
+    assert rag.token_f1.mean > base.token_f1.mean
+    assert rag.token_f1.ci_low <= rag.token_f1.mean <= rag.token_f1.ci_high
+    assert e.recommended_arm in ("base", "rag") and e.reasons
+    # The kept per-question results agree with the metric recomputed from the stored answers.
+    results = json.loads((Path(e.report_folder) / "results.json").read_text())
+    for arm in results["arms"]:
+        for q in arm["questions"]:
+            assert q["token_f1"] == pytest.approx(token_f1(q["answer"], q["references"]))
+    assert "rag" in reply.report_markdown and "<img src=\"data:image/png;base64," in reply.report_html
+
+
+def test_evaluation_bad_input(suite, style_adapter):
+    stub, auth = suite
+    bad = b'{"question": "ok?", "answers": ["yes"]}\nnot json\n{"question": "", "answers": ["x"]}\n'
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateEvaluation(gateway_pb2.CreateEvaluationRequest(spec=gateway_pb2.EvaluationSpec(
+            eval_set=bad, collection="facts")), metadata=auth["acme"], timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "line 2" in err.value.details() and "line 3" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateEvaluation(gateway_pb2.CreateEvaluationRequest(spec=gateway_pb2.EvaluationSpec(
+            eval_set=EVAL_SET, collection="nope")), metadata=auth["acme"], timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateEvaluation(gateway_pb2.CreateEvaluationRequest(spec=gateway_pb2.EvaluationSpec(
+            eval_set=EVAL_SET, collection="facts", adapter="missing")), metadata=auth["acme"], timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_arm_that_fails_is_reported_failed(suite, style_adapter):
+    """An adapter the registry holds but the generator refuses (rank above its limit): the fine-tuned
+    arm fails with the generator's reason, the base arm still runs, and the report says so."""
+    from ragtune.registry import AdapterRegistry
+    from ragtune.settings import ServiceSettings
+
+    stub, auth = suite
+    registry = AdapterRegistry(ServiceSettings().registry_root)
+    meta = {**style_adapter.metadata, "rank": 64}
+    for key in ("tenant", "name", "version"):
+        meta.pop(key, None)
+    config = json.loads((style_adapter.path / "adapter_config.json").read_text())
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copytree(style_adapter.path, folder, dirs_exist_ok=True)
+        config["r"] = 64
+        (Path(folder) / "adapter_config.json").write_text(json.dumps(config))
+        registry.publish("acme", "too-big", Path(folder), meta)
+    spec = gateway_pb2.EvaluationSpec(eval_set=EVAL_SET, adapter="too-big",
+                                      arms=[gateway_pb2.EVALUATION_ARM_BASE, gateway_pb2.EVALUATION_ARM_FINETUNED])
+    spec.sampling.max_tokens = 8
+    reply = _evaluate(stub, auth["acme"], spec)
+    arms = {a.arm: a for a in reply.evaluation.arms}
+    assert not arms[gateway_pb2.EVALUATION_ARM_BASE].failed
+    tuned = arms[gateway_pb2.EVALUATION_ARM_FINETUNED]
+    assert tuned.failed and "rank" in tuned.error
+    assert "FAILED" in reply.report_markdown
