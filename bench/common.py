@@ -9,17 +9,9 @@ import statistics
 import time
 from pathlib import Path
 
+from ragtune.stats import percentile
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def summary(values: list[float]) -> dict[str, float]:

@@ -13,6 +13,8 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 
+from ragtune.stats import percentile  # noqa: F401 - re-exported for summary and reports
+
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # Jeopardy answers are phrased as questions ("What is Paris?") while references hold the bare answer
@@ -127,15 +129,3 @@ def citation_precision(cited_ids: Sequence[str], gold_ids: Sequence[str]) -> flo
     if not cited_ids or not gold:
         return None
     return sum(1 for doc in cited_ids if doc in gold) / len(cited_ids)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation between the closest ranks; nan when empty."""
-    if not 0 <= q <= 100:
-        raise ValueError("q must be in [0, 100]")
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = int(rank), min(int(rank) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
