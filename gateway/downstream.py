@@ -51,7 +51,9 @@ class Downstream:
                  retry_attempts: int, retry_backoff_s: float):
         interceptors = client_interceptors()
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+                   ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                   # Behind a headless Kubernetes Service every replica resolves: spread calls over them.
+                   ("grpc.lb_policy_name", "round_robin")]
         self._channels = {
             name: grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
             for name, address in (("retriever", retriever), ("generator", generator), ("trainer", trainer))
