@@ -80,7 +80,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             code = exc.code()
             if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK):
                 code = grpc.StatusCode.INTERNAL
-            await context.abort(code, exc.details() or code.name, exc.trailing_metadata() or ())
+            # Keep only the rich error details of the downstream status (aio gives a Metadata object).
+            passed = tuple((k, v) for k, v in (exc.trailing_metadata() or ()) if k == "grpc-status-details-bin")
+            await context.abort(code, exc.details() or code.name, passed)
         if isinstance(exc, NotImplementedError):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
         ref = uuid.uuid4().hex[:12]
