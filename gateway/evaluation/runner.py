@@ -210,25 +210,27 @@ class EvaluationRunner:
             constraints=constraints_of(spec),
             created_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
+        # The final state is set only after the report is on disk: watchers stop at a final state
+        # and then read the report.
+        final_state, error = gateway_pb2.EVALUATION_STATE_SUCCEEDED, ""
         try:
             for arm in run.arms:
                 await self._run_arm(job, spec, arm, items, spec.collection, spec.adapter)
             if spec.HasField("knowledge_update"):
                 run.knowledge_update = await self._knowledge_update(job, spec)
             run.recommendation = recommend(run.arms, run.knowledge_update, run.constraints)
-            job.snapshot.state = gateway_pb2.EVALUATION_STATE_SUCCEEDED
         except asyncio.CancelledError:
-            job.snapshot.state = gateway_pb2.EVALUATION_STATE_CANCELLED
+            final_state = gateway_pb2.EVALUATION_STATE_CANCELLED
         except Exception as exc:  # noqa: BLE001 - the run fails, the gateway keeps serving
             log.exception("evaluation %s failed", job.snapshot.id)
-            job.snapshot.state = gateway_pb2.EVALUATION_STATE_FAILED
-            job.snapshot.error = _describe(exc)
+            final_state, error = gateway_pb2.EVALUATION_STATE_FAILED, _describe(exc)
         finally:
             for arm in run.arms:
                 if arm.questions and not arm.summary:
                     arm.summary = summarize_arm(arm.questions)
             self._fill_snapshot(job.snapshot, run)
             await asyncio.to_thread(write_report, run, job.folder)
+            job.snapshot.state, job.snapshot.error = final_state, error
             await job.publish()
 
     async def _ask(self, tenant: str, item: EvalItem, arm: str, spec, collection: str, adapter: str) -> QuestionResult:
