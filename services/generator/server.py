@@ -2,31 +2,150 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import grpc
 
-from ragtune.v1 import generator_pb2, generator_pb2_grpc
+from ragtune.errors import Unavailable
+from ragtune.registry import AdapterRegistry
+from ragtune.tenancy import tenant_of
+from ragtune.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+from services.generator.adapters import AdapterCatalog, CatalogEntry
+from services.generator.engine import VllmEngine
+from services.generator.generation import GenerationStream, Generator
+from services.generator.prompts import PromptRenderer
 from services.generator.settings import GeneratorSettings
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 
+_FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
+
+
+def _adapter_message(entry: CatalogEntry) -> generator_pb2.LoadedAdapter:
+    return generator_pb2.LoadedAdapter(
+        name=entry.ref,
+        registry_path=entry.version.registry_path,
+        rank=entry.rank,
+        base_model=str(entry.version.metadata.get("base_model", "")),
+    )
+
+
+def _usage(stream: GenerationStream) -> common_pb2.TokenUsage:
+    return common_pb2.TokenUsage(prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens)
+
+
+def _close_when_done(stream: GenerationStream, context: grpc.aio.ServicerContext) -> None:
+    # A cancelled or timed-out call may leave the response generator suspended: closing the stream
+    # from the call's done callback aborts the engine request and frees its slot at once.
+    context.add_done_callback(lambda _ctx: asyncio.ensure_future(stream.close()))
+
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
-    pass
+    def __init__(self, service: "GeneratorService"):
+        self._service = service
+
+    @property
+    def _core(self) -> Generator:
+        if self._service.generator is None:
+            raise Unavailable("the generator is still starting")
+        return self._service.generator
+
+    async def Generate(self, request, context):
+        stream = await self._core.open(tenant_of(context), request.input, request.sampling, request.adapter)
+        _close_when_done(stream, context)
+        parts = [chunk.text async for chunk in stream.chunks()]
+        return generator_pb2.GenerateResponse(
+            text="".join(parts), finish_reason=_FINISH.get(stream.finish_reason, 0), usage=_usage(stream)
+        )
+
+    async def GenerateStream(self, request, context):
+        stream = await self._core.open(tenant_of(context), request.input, request.sampling, request.adapter)
+        _close_when_done(stream, context)
+        async for chunk in stream.chunks():
+            if chunk.finish_reason is None:
+                yield generator_pb2.GenerateStreamResponse(delta=chunk.text)
+            else:
+                yield generator_pb2.GenerateStreamResponse(
+                    delta=chunk.text, finish_reason=_FINISH.get(chunk.finish_reason, 0), usage=_usage(stream)
+                )
+
+    async def LoadAdapter(self, request, context):
+        entry = await self._core.catalog.load(tenant_of(context), request.name, "name")
+        return generator_pb2.LoadAdapterResponse(adapter=_adapter_message(entry))
+
+    async def UnloadAdapter(self, request, context):
+        await self._core.catalog.unload(tenant_of(context), request.name, "name")
+        return generator_pb2.UnloadAdapterResponse()
+
+    async def ListAdapters(self, request, context):
+        entries = self._core.catalog.loaded(tenant_of(context))
+        return generator_pb2.GeneratorServiceListAdaptersResponse(adapters=[_adapter_message(e) for e in entries])
+
+    async def GetModelInfo(self, request, context):
+        settings = self._service.settings
+        return generator_pb2.GetModelInfoResponse(
+            base_model=settings.base_model_name,
+            max_context_tokens=self._core.engine.max_model_len,
+            adapters=[_adapter_message(e) for e in self._core.catalog.loaded(tenant_of(context))],
+            max_lora_rank=settings.max_lora_rank,
+            max_loras=settings.max_loras,
+        )
 
 
 class GeneratorService:
-    """Hosts the generator: opens the store and the embedder on start, closes them on stop."""
+    """Hosts the generator: starts the vLLM engine and loads the tokenizer on start, shuts the engine down on stop.
+
+    `generator` (the core) and `engine` are None until start() returns; tests inspect `engine`
+    (e.g. `engine.unfinished_requests()`) through InProcessServer.call."""
 
     service_names = (SERVICE_NAME,)
 
     def __init__(self, settings: GeneratorSettings):
         self.settings = settings
+        self.engine = None
+        self.generator: Generator | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(), server)
+        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(self), server)
 
     async def start(self) -> None:
-        pass
+        s = self.settings
+        renderer = await asyncio.to_thread(PromptRenderer.load, s.model_dir)
+        self.engine = await VllmEngine.create(
+            s.model_dir,
+            dtype=s.dtype,
+            enforce_eager=s.enforce_eager,
+            max_model_len=s.max_model_len,
+            kv_cache_space_gib=s.kv_cache_space_gib,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            max_num_seqs=s.max_num_seqs,
+            max_loras=s.max_loras,
+            max_lora_rank=s.max_lora_rank,
+            max_cpu_loras=s.max_cpu_loras,
+        )
+        catalog = AdapterCatalog(
+            AdapterRegistry(s.registry_root), self.engine, base_model=s.base_model_name, max_lora_rank=s.max_lora_rank
+        )
+        self.generator = Generator(
+            self.engine,
+            renderer,
+            catalog,
+            max_in_flight=s.max_in_flight,
+            default_temperature=s.default_temperature,
+            default_max_tokens=s.default_max_tokens,
+        )
 
     async def stop(self) -> None:
-        pass
+        if self.generator is not None:
+            self.generator.close()
+            self.generator = None
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await engine.shutdown()

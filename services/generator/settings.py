@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from ragtune.models import BASE_MODEL_NAME
 from ragtune.settings import ServiceSettings
 
 
@@ -12,3 +16,56 @@ class GeneratorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RAGTUNE_GENERATOR_", extra="ignore", frozen=True)
 
     port: int = Field(50053, ge=0, le=65535)
+    base_model_dir: Path | None = Field(
+        None,
+        description="Folder of the base model (safetensors + tokenizer); default <model_cache>/SmolLM2-135M-Instruct.",
+    )
+    base_model_name: str = Field(
+        BASE_MODEL_NAME, description="Name of the base model; adapters must name the same base_model in ragtune.json."
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Weights dtype; float32 on CPU (bfloat16 measured 5x slower there)."
+    )
+    enforce_eager: bool = Field(True, description="Skip graph compilation: starts in ~35 s instead of ~145 s on CPU.")
+    max_model_len: int = Field(2048, ge=64, description="Context window in tokens (prompt plus completion).")
+    kv_cache_space_gib: float = Field(
+        2.0, gt=0, description="CPU KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE); ignored on GPU."
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only).")
+    max_num_seqs: int = Field(32, ge=1, description="Requests the engine runs in one batch.")
+    max_waiting_requests: int = Field(
+        64, ge=0, description="Requests allowed to wait beyond max_num_seqs; more get RESOURCE_EXHAUSTED at once."
+    )
+    max_loras: int = Field(4, ge=1, description="Adapters in one batch; requests over more adapters wait their turn.")
+    max_lora_rank: int = Field(
+        16,
+        ge=1,
+        description="Highest LoRA rank accepted. vLLM sizes its LoRA buffers by it: set it to the largest rank served "
+        "(8 instead of 16 made requests over 4 r=8 adapters about 1.5x faster on CPU).",
+    )
+    max_cpu_loras: int = Field(16, ge=1, description="Adapters kept in host memory before the least recent is evicted.")
+    preload_libraries: bool = Field(
+        True,
+        description="`python -m services.generator` re-executes itself with tcmalloc and Intel OpenMP in LD_PRELOAD "
+        "when both are installed and vLLM is the CPU build (vLLM's CPU guide; faster here).",
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens when a request leaves it unset (capped by the context)."
+    )
+    default_temperature: float = Field(0.7, ge=0, le=2, description="temperature when a request leaves it unset.")
+
+    @model_validator(mode="after")
+    def _cpu_loras_hold_a_batch(self) -> "GeneratorSettings":
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                "max_cpu_loras must be at least max_loras (vLLM keeps every batched adapter in host memory)"
+            )
+        return self
+
+    @property
+    def model_dir(self) -> Path:
+        return self.base_model_dir or self.model_cache / BASE_MODEL_NAME
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.max_num_seqs + self.max_waiting_requests
