@@ -1,0 +1,169 @@
+"""Translations between the trainer's protobuf messages and its core records (jobs, events, adapters)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from ragtune.registry import AdapterVersion
+from ragtune.v1 import trainer_pb2
+from services.trainer.datasets import FORMATS
+from services.trainer.jobs import EventRecord, JobRecord
+
+METHOD_NAMES = {
+    trainer_pb2.TRAINING_METHOD_UNSPECIFIED: "lora",
+    trainer_pb2.TRAINING_METHOD_LORA: "lora",
+    trainer_pb2.TRAINING_METHOD_SELECTIVE: "selective",
+    trainer_pb2.TRAINING_METHOD_IA3: "ia3",
+    trainer_pb2.TRAINING_METHOD_PROMPT_TUNING: "prompt_tuning",
+    trainer_pb2.TRAINING_METHOD_DPO: "dpo",
+}
+METHOD_ENUMS = {name: value for value, name in METHOD_NAMES.items() if value}
+FORMAT_ENUMS = dict(
+    zip(
+        FORMATS,
+        (
+            trainer_pb2.DATASET_FORMAT_CHAT,
+            trainer_pb2.DATASET_FORMAT_PROMPT_COMPLETION,
+            trainer_pb2.DATASET_FORMAT_INSTRUCTION,
+            trainer_pb2.DATASET_FORMAT_PREFERENCE,
+        ),
+    )
+)
+FORMAT_NAMES = {value: name for name, value in FORMAT_ENUMS.items()}
+HYPERPARAMETER_FIELDS = [f.name for f in trainer_pb2.Hyperparameters.DESCRIPTOR.fields]
+
+
+def method_name(value: int) -> str:
+    return METHOD_NAMES.get(value, f"TrainingMethod({value})")
+
+
+def state_enum(state: str) -> int:
+    return trainer_pb2.JobState.Value(f"JOB_STATE_{state}")
+
+
+def state_name(value: int) -> str:
+    return trainer_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def spec_arguments(spec: trainer_pb2.JobSpec) -> dict[str, Any]:
+    """The client's values for jobspec.resolve_spec (zero means unset, as proto3 cannot tell)."""
+    lora = None
+    if spec.HasField("lora"):
+        lora = {
+            "r": spec.lora.r,
+            "alpha": spec.lora.alpha,
+            "dropout": spec.lora.dropout,
+            "target_modules": list(spec.lora.target_modules),
+        }
+    hp = {name: getattr(spec.hyperparameters, name) for name in HYPERPARAMETER_FIELDS}
+    return {
+        "adapter_name": spec.adapter_name,
+        "dataset": spec.dataset,
+        "method": method_name(spec.method),
+        "lora": lora,
+        "hyperparameters": hp,
+    }
+
+
+def _lora_message(lora: dict | None) -> trainer_pb2.LoraConfig | None:
+    if not lora:
+        return None
+    return trainer_pb2.LoraConfig(
+        r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], target_modules=lora["target_modules"]
+    )
+
+
+def _hyperparameters_message(hp: dict) -> trainer_pb2.Hyperparameters:
+    return trainer_pb2.Hyperparameters(**{k: v for k, v in hp.items() if k in HYPERPARAMETER_FIELDS})
+
+
+def spec_message(spec: dict) -> trainer_pb2.JobSpec:
+    return trainer_pb2.JobSpec(
+        adapter_name=spec["adapter_name"],
+        dataset=spec["dataset"],
+        method=METHOD_ENUMS[spec["method"]],
+        lora=_lora_message(spec.get("lora")),
+        hyperparameters=_hyperparameters_message(spec["hyperparameters"]),
+    )
+
+
+def metrics_message(metrics: dict | None) -> trainer_pb2.TrainingMetrics | None:
+    if not metrics:
+        return None
+    message = trainer_pb2.TrainingMetrics(
+        train_loss=metrics["train_loss"],
+        steps=metrics["steps"],
+        tokens_per_second=metrics["tokens_per_second"],
+        trainable_fraction=metrics["trainable_fraction"],
+        peak_memory_bytes=metrics["peak_memory_bytes"],
+    )
+    if metrics.get("validation_loss") is not None and not math.isnan(metrics["validation_loss"]):
+        message.validation_loss = metrics["validation_loss"]
+    return message
+
+
+def job_message(job: JobRecord) -> trainer_pb2.Job:
+    return trainer_pb2.Job(
+        id=job.id,
+        spec=spec_message(job.spec),
+        state=state_enum(job.state),
+        error=job.error,
+        dataset_problems=[trainer_pb2.DatasetProblem(**p) for p in job.problems],
+        step=job.step,
+        total_steps=job.total_steps,
+        metrics=metrics_message(job.metrics),
+        adapter_path=job.adapter_path,
+        create_time=timestamp(job.create_time),
+        update_time=timestamp(job.update_time),
+        client_request_id=job.client_request_id,
+    )
+
+
+def event_message(event: EventRecord) -> trainer_pb2.JobEvent:
+    message = trainer_pb2.JobEvent(sequence=event.sequence, time=timestamp(event.time), state=state_enum(event.state))
+    p = event.payload
+    if event.kind == "state_changed":
+        message.state_changed = state_enum(p["state"])
+    elif event.kind == "progress":
+        message.progress.CopyFrom(trainer_pb2.StepProgress(**p))
+    elif event.kind == "epoch_end":
+        message.epoch_end.CopyFrom(trainer_pb2.EpochEnd(epoch=p["epoch"], train_loss=p["train_loss"]))
+        if p.get("validation_loss") is not None:
+            message.epoch_end.validation_loss = p["validation_loss"]
+    elif event.kind == "checkpoint_saved":
+        message.checkpoint_saved_step = p["step"]
+    elif event.kind == "final_metrics":
+        message.final_metrics.CopyFrom(metrics_message(p))
+    else:
+        message.message = p.get("text", "")
+    return message
+
+
+def adapter_message(adapter: AdapterVersion) -> trainer_pb2.Adapter:
+    meta = adapter.metadata
+    message = trainer_pb2.Adapter(
+        name=adapter.name,
+        version=adapter.version,
+        registry_path=adapter.registry_path,
+        base_model=meta.get("base_model", ""),
+        method=METHOD_ENUMS.get(meta.get("method", ""), 0),
+        dataset_sha256=meta.get("dataset_sha256", ""),
+        job_id=meta.get("job_id", ""),
+        servable=bool(meta.get("servable", False)),
+        lora=_lora_message(meta.get("lora")),
+        metrics=metrics_message(meta.get("metrics")),
+    )
+    if meta.get("hyperparameters"):
+        message.hyperparameters.CopyFrom(_hyperparameters_message(meta["hyperparameters"]))
+    if meta.get("created_time"):
+        message.create_time.FromJsonString(meta["created_time"])
+    return message
