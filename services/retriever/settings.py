@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -12,3 +15,38 @@ class RetrieverSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RAGTUNE_RETRIEVER_", extra="ignore", frozen=True)
 
     port: int = Field(50052, ge=0, le=65535)
+    backend: Literal["lancedb", "weaviate"] = Field(
+        "lancedb", description="Vector store: the embedded on-disk LanceDB (default) or a Weaviate server."
+    )
+    weaviate_url: str | None = Field(
+        None,
+        validation_alias="WEAVIATE_URL",
+        description="Weaviate HTTP endpoint (e.g. http://weaviate:8080) when backend=weaviate.",
+    )
+    weaviate_grpc_port: int = Field(50051, ge=1, le=65535, description="Weaviate's gRPC port.")
+    data_dir: Path | None = Field(None, description="LanceDB folder; default <RAGTUNE_HOME>/retriever.")
+    max_document_bytes: int = Field(1_000_000, ge=1, description="Largest document text accepted, in UTF-8 bytes.")
+    max_batch_documents: int = Field(256, ge=1, description="Most documents in one UpsertDocuments or Ingest message.")
+    max_top_k: int = Field(100, ge=1, le=1000, description="Largest top_k a search may ask for.")
+    max_filter_values: int = Field(256, ge=1, description="Most values in one in_list filter condition.")
+    embedding_batch_size: int = Field(64, ge=1, description="Chunks embedded per forward pass.")
+    hybrid_candidates: int = Field(
+        100, ge=1, description="Hits each of the vector and keyword searches contributes before hybrid fusion."
+    )
+    ann_min_chunks: int = Field(
+        10_000,
+        ge=256,
+        description="A collection gets an approximate (IVF_HNSW_SQ) vector index once it holds this many chunks; "
+        "below it, search is exact.",
+    )
+    ann_reindex_fraction: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Fold new chunks into the vector and full-text indexes once they exceed this fraction of the "
+        "collection (until then they are searched exactly); the vector index is retrained when the collection doubles.",
+    )
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir or self.home / "retriever"

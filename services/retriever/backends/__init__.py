@@ -1,0 +1,1 @@
+"""Vector store backends behind one small interface (`backends.base.VectorStore`)."""

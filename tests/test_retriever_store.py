@@ -1,0 +1,79 @@
+"""The embedded LanceDB store on its own: data survives a restart of the service, and large collections
+get an approximate vector index that still finds the nearest chunks."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import grpc
+import numpy as np
+import pytest
+
+from services.retriever.backends.lancedb_store import LanceDBStore
+from services.retriever.domain import Between, Chunk, CollectionSpec, FieldType, PreparedDocument
+from services.retriever.server import RetrieverService
+from services.retriever.settings import RetrieverSettings
+from tests.grpc_support import InProcessServer
+from tests.retriever_support import Client, R, doc, plain
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_data_survives_a_restart(tmp_path):
+    settings = RetrieverSettings(port=0, backend="lancedb", data_dir=tmp_path, grace_period_s=1)
+    with InProcessServer(RetrieverService, settings, "retriever") as first, grpc.insecure_channel(first.address) as ch:
+        acme = Client(ch, "acme")
+        acme.create("kb", fields=[R.MetadataField(name="year", type=R.METADATA_TYPE_INT)])
+        acme.upsert("kb", doc("d1", "The lighthouse keeper polished the great lens.", year=1890),
+                    doc("d2", "Tax forms are due in April.", year=2024))
+        before = acme.search("kb", "who tends the lamp on the coast?", mode=R.SEARCH_MODE_VECTOR)
+    with InProcessServer(RetrieverService, settings, "retriever") as second, grpc.insecure_channel(second.address) as ch:
+        acme = Client(ch, "acme")
+        assert [c.name for c in acme.ListCollections(R.ListCollectionsRequest()).collections] == ["kb"]
+        assert acme.stats("kb") == (2, 2)
+        after = acme.search("kb", "who tends the lamp on the coast?", mode=R.SEARCH_MODE_VECTOR)
+        assert [(h.chunk_id, round(h.score, 4)) for h in after] == [(h.chunk_id, round(h.score, 4)) for h in before]
+        assert after[0].document_id == "d1" and plain(after[0].metadata) == {"year": 1890}
+        # An unchanged re-upsert after the restart is still recognised.
+        assert acme.upsert("kb", doc("d1", "The lighthouse keeper polished the great lens.", year=1890)).unchanged == 1
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_large_collection_gets_an_index_that_finds_the_nearest(tmp_path):
+    rng = np.random.default_rng(7)
+    dim, n = 32, 1200
+    vectors = _unit(rng.standard_normal((n, dim)).astype(np.float32))
+    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000)
+    spec = CollectionSpec("big", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
+    store.create_collection("acme", spec)
+    try:
+        for start in range(0, n, 400):  # three commits; the index appears once the threshold is crossed
+            docs = [
+                PreparedDocument(f"d{i}", "h", [Chunk(f"d{i}", 0, f"text {i}", vectors[i].tolist(), {"n": i}, "h")])
+                for i in range(start, start + 400)
+            ]
+            store.replace_documents("acme", spec, docs)
+            store.wait_for_maintenance()
+            indexed = "IvfHnswSq" in store.index_types("acme", "big")
+            assert indexed == (start + 400 >= 1000)
+        queries = _unit(vectors[:20] + 0.05 * rng.standard_normal((20, dim)).astype(np.float32))
+        found = 0
+        for q_index, q in enumerate(queries):
+            exact = set(np.argsort(-(vectors @ q))[:10])
+            hits = store.search("acme", spec, mode="vector", text="", vector=q.tolist(), top_k=10, alpha=1.0, filter=None)
+            found += len(exact & {int(h.document_id[1:]) for h in hits})
+            assert hits[0].document_id == f"d{q_index}"
+        assert found / (10 * len(queries)) >= 0.9
+        filtered = store.search("acme", spec, mode="vector", text="", vector=queries[0].tolist(), top_k=5, alpha=1.0,
+                                filter=Between("n", gte=600))
+        assert len(filtered) == 5 and all(h.metadata["n"] >= 600 for h in filtered)
+        assert store.stats("acme", spec) == (n, n)
+        chunk_ids, matrix = store.vectors("acme", "big")
+        order = [int(c[1:].split("#")[0]) for c in chunk_ids]
+        assert sorted(order) == list(range(n))
+        assert np.allclose(matrix, vectors[order], atol=1e-6)
+    finally:
+        store.close()

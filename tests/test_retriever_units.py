@@ -1,0 +1,181 @@
+"""Retriever parts that need no server: chunking, score fusion, filter translation for both backends."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import pytest
+
+from ragtune.models import embedding_model_path
+from services.retriever.backends.lancedb_sql import where_clause
+from services.retriever.backends.weaviate_store import (
+    chunk_properties,
+    chunk_uuid,
+    property_name,
+    weaviate_collection_name,
+    weaviate_filter,
+)
+from services.retriever.chunking import Chunker
+from services.retriever.domain import (
+    AllOf,
+    AnyOf,
+    Between,
+    Chunk,
+    CollectionSpec,
+    Equals,
+    FieldType,
+    Hit,
+    InList,
+)
+from services.retriever.ranking import relative_score_fusion
+
+SPEC = CollectionSpec(
+    "docs", 200, 40,
+    {"year": FieldType.INT, "lang": FieldType.STRING, "rating": FieldType.DOUBLE, "public": FieldType.BOOL},
+    create_time=__import__("datetime").datetime(2026, 1, 1),
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedding_model_path())
+
+
+@pytest.fixture(scope="module")
+def chunker(tokenizer):
+    return Chunker(tokenizer)
+
+
+def n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ---- chunking ------------------------------------------------------------------------------------
+def test_chunks_respect_size_and_overlap_and_cover_the_text(chunker, tokenizer):
+    text = "\n\n".join(
+        " ".join(f"Paragraph {p} sentence {s} mentions item{p}x{s} for the record." for s in range(6)) for p in range(8)
+    )
+    chunks = chunker.split(text, 60, 12)
+    assert len(chunks) > 5
+    for c in chunks:
+        assert n_tokens(tokenizer, c.text) <= 60
+        assert c.text == c.text.strip() and c.text in text
+    for previous, current in zip(chunks, chunks[1:]):
+        overlap = previous.end_token - current.start_token
+        assert 0 < overlap <= 12
+    # Every word of the text is in some chunk.
+    covered = set(" ".join(c.text for c in chunks).split())
+    assert set(text.split()) <= covered
+
+
+def test_chunks_prefer_paragraph_then_sentence_boundaries(chunker, tokenizer):
+    first = "Alpha one two three four five six seven."
+    second = "Beta one two."
+    text = f"{first}\n\n{second} Gamma one two three."
+    assert [c.text for c in chunker.split(text, 60, 0)] == [text]
+    # The window reaches past the sentence that follows the paragraph break, yet the break wins.
+    size = n_tokens(tokenizer, first) + n_tokens(tokenizer, second) + 2
+    chunks = chunker.split(text, size, 0)
+    assert chunks[0].text == first
+    assert chunks[1].text.startswith("Beta")
+    # Within one paragraph the break falls after a full stop.
+    chunks = chunker.split(f"{first} {first} {first}", 22, 0)
+    assert len(chunks) == 2
+    assert all(c.text.endswith(".") for c in chunks)
+
+
+def test_a_sentence_longer_than_a_chunk_is_split_at_words(chunker, tokenizer):
+    text = " ".join(["word"] * 50)
+    chunks = chunker.split(text, 16, 4)
+    assert all(n_tokens(tokenizer, c.text) <= 16 for c in chunks)
+    assert all(set(c.text.split()) == {"word"} for c in chunks)
+    assert chunks[-1].end_token == 50
+
+
+def test_chunking_rejects_overlap_not_below_size(chunker):
+    with pytest.raises(ValueError):
+        chunker.split("text", 10, 10)
+
+
+# ---- fusion --------------------------------------------------------------------------------------
+def _hit(cid: str, score: float) -> Hit:
+    return Hit(cid, cid, 0, cid, {}, score)
+
+
+def test_relative_score_fusion_matches_weaviate_formula():
+    vector = [_hit("a", 0.9), _hit("b", 0.7), _hit("c", 0.5)]
+    keyword = [_hit("c", 12.0), _hit("d", 6.0), _hit("a", 2.0)]
+    fused = {h.chunk_id: h.score for h in relative_score_fusion(vector, keyword, 0.25, 10)}
+    # a: vector 1.0, keyword 0.0; b: 0.5, absent; c: 0.0, 1.0; d: absent, 0.4
+    assert fused == pytest.approx({"a": 0.25, "b": 0.125, "c": 0.75, "d": 0.3})
+    assert [h.chunk_id for h in relative_score_fusion(vector, keyword, 0.25, 2)] == ["c", "d"]
+    assert [h.chunk_id for h in relative_score_fusion(vector, [], 1.0, 3)] == ["a", "b", "c"]
+    assert [h.chunk_id for h in relative_score_fusion([_hit("x", 3.0)], [], 0.5, 3)] == ["x"]
+
+
+# ---- LanceDB filter translation ------------------------------------------------------------------
+def test_lancedb_where_clause():
+    tree = AllOf((
+        Equals("lang", "it's"),
+        AnyOf((Between("year", gte=2000, lt=2010), InList("rating", (1.5, 2.0)))),
+        Equals("public", True),
+    ))
+    assert where_clause(tree) == (
+        "(`m_lang` = 'it''s' AND ((`m_year` >= 2000 AND `m_year` < 2010) OR `m_rating` IN (1.5, 2.0)) "
+        "AND `m_public` = true)"
+    )
+    with pytest.raises(ValueError):
+        where_clause(Equals("rating", math.inf))
+
+
+# ---- Weaviate client-side code -------------------------------------------------------------------
+def test_weaviate_collection_names_are_valid_and_injective():
+    names = ["docs", "Docs", "a_d", "a-d", "a__d", "a-_d", "x-y_z"]
+    mapped = [weaviate_collection_name(n) for n in names]
+    assert len(set(mapped)) == len(names)
+    assert all(m[0].isupper() and m.replace("_", "").isalnum() for m in mapped)
+
+
+def _describe(f):
+    """A weaviate-client filter as nested tuples, to compare whole trees."""
+    from weaviate.collections.classes.filters import _FilterAnd, _FilterOr
+
+    if isinstance(f, _FilterAnd):
+        return ("and", tuple(_describe(c) for c in f.filters))
+    if isinstance(f, _FilterOr):
+        return ("or", tuple(_describe(c) for c in f.filters))
+    return (f.target, f.operator.value, f.value)
+
+
+def test_weaviate_filter_translation():
+    tree = AllOf((
+        Equals("lang", "en' OR '1'='1"),
+        AnyOf((Between("year", gt=2000, lte=2010), InList("lang", ("de", "fr")))),
+        Between("rating", gte=4.0),
+    ))
+    assert _describe(weaviate_filter(tree, SPEC)) == (
+        "and",
+        (
+            ("m_lang_string", "Equal", "en' OR '1'='1"),
+            ("or", (
+                ("and", (("m_year_int", "GreaterThan", 2000), ("m_year_int", "LessThanEqual", 2010))),
+                ("or", (("m_lang_string", "Equal", "de"), ("m_lang_string", "Equal", "fr"))),
+            )),
+            ("m_rating_double", "GreaterThanEqual", 4.0),
+        ),
+    )
+
+
+def test_weaviate_objects_carry_typed_properties_and_stable_ids():
+    chunk = Chunk("doc-1", 2, "text", [0.1] * 3, {"year": 2001, "public": False}, "hash-a")
+    assert chunk_properties(chunk, SPEC) == {
+        "chunk_id": "doc-1#2", "document_id": "doc-1", "chunk_index": 2, "text": "text",
+        "content_hash": "hash-a", "m_year_int": 2001, "m_public_bool": False,
+    }
+    assert chunk_uuid(chunk) == chunk_uuid(Chunk("doc-1", 2, "other", [0.0] * 3, {}, "hash-a"))
+    assert chunk_uuid(chunk) != chunk_uuid(Chunk("doc-1", 2, "text", [0.1] * 3, {}, "hash-b"))
+    assert isinstance(chunk_uuid(chunk), uuid.UUID)
+    assert property_name("year", FieldType.INT) != property_name("year", FieldType.STRING)
