@@ -14,20 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import tempfile
 import time
-from pathlib import Path
 
 import grpc
 
 from bench.common import summary, write_result
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,25 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--articles", type=int, default=4)
     args = parser.parse_args(argv)
 
-    home = Path(tempfile.mkdtemp(prefix="ragtune-bench-"))
-    os.environ["RAGTUNE_HOME"] = str(home)
-    for prefix in ("RETRIEVER", "GENERATOR", "TRAINER", "GATEWAY"):
-        os.environ[f"RAGTUNE_{prefix}_PORT"] = str(_free_port())
-    for prefix in ("RETRIEVER", "GENERATOR", "TRAINER"):
-        os.environ[f"RAGTUNE_GATEWAY_{prefix}_ADDRESS"] = f"127.0.0.1:{os.environ[f'RAGTUNE_{prefix}_PORT']}"
-
     from ragtune.cli.client import GatewayClient, dev_key_path
     from ragtune.cli.main import ingest
-    from ragtune.launcher import LocalSuite
+    from ragtune.launcher import isolated_suite
     from ragtune.samples import wiki100_articles
     from ragtune.tenancy import tenant_metadata
     from ragtune.v1 import common_pb2, gateway_pb2, generator_pb2, generator_pb2_grpc, retriever_pb2
 
-    suite = LocalSuite(home)
+    suite, gateway = isolated_suite("ragtune-bench-")
     try:
         suite.start()
         suite.wait_serving()
-        client = GatewayClient(f"127.0.0.1:{os.environ['RAGTUNE_GATEWAY_PORT']}", dev_key_path().read_text().strip())
+        client = GatewayClient(gateway, dev_key_path().read_text().strip())
         docs = [retriever_pb2.Document(id=t, text=x) for t, x in wiki100_articles(args.articles)]
         ingest(client, "bench", docs, quiet=True)
         questions = ["Where does the name Africa come from?", "What is agriculture?", "What does anatomy study?",

@@ -129,6 +129,23 @@ class LocalSuite:
                 print(f"stopped {s.name} (exit {proc.returncode})")
 
 
+def isolated_suite(prefix: str) -> tuple["LocalSuite", str]:
+    """A suite in a fresh temporary RAGTUNE_HOME on free ports (for benchmarks and examples that
+    must not collide with services already running); returns it with the gateway's address."""
+    import socket
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["RAGTUNE_HOME"] = str(home)
+    for s in SERVICES:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ[f"{s.prefix}PORT"] = str(sock.getsockname()[1])
+    for s in SERVICES[:3]:
+        os.environ[f"RAGTUNE_GATEWAY_{s.name.upper()}_ADDRESS"] = f"127.0.0.1:{_port(s)}"
+    return LocalSuite(home), f"127.0.0.1:{_port(SERVICES[-1])}"
+
+
 def run_up(demo: bool = False, exit_after: bool = False) -> int:
     suite = LocalSuite(_home())
     stop_requested = False

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import socket
 import sys
-import tempfile
 from pathlib import Path
 
 from ragtune.samples import jeopardy
@@ -85,12 +82,6 @@ def build_example(folder: Path, questions: int, kb: int, finetune: int, seed: in
     return paths
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_example(client, paths: dict[str, Path], out_dir: Path, max_steps: int) -> gateway_pb2.GetEvaluationResponse:
     from ragtune.cli.evaluate import print_summary, run_evaluation
     from ragtune.cli.main import ingest, iter_documents, upload_dataset, watch_job
@@ -142,20 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         reply = run_example(client, paths, Path(args.out), args.max_steps)
         return 0 if reply.evaluation.state == gateway_pb2.EVALUATION_STATE_SUCCEEDED else 1
 
-    from ragtune.launcher import LocalSuite
+    from ragtune.launcher import isolated_suite
 
-    home = Path(tempfile.mkdtemp(prefix="ragtune-eval-"))
-    os.environ["RAGTUNE_HOME"] = str(home)
-    ports = {p: _free_port() for p in ("RETRIEVER", "GENERATOR", "TRAINER", "GATEWAY")}
-    for prefix, port in ports.items():
-        os.environ[f"RAGTUNE_{prefix}_PORT"] = str(port)
-    for prefix in ("RETRIEVER", "GENERATOR", "TRAINER"):
-        os.environ[f"RAGTUNE_GATEWAY_{prefix}_ADDRESS"] = f"127.0.0.1:{ports[prefix]}"
-    suite = LocalSuite(home)
+    suite, gateway = isolated_suite("ragtune-eval-")
     try:
         suite.start()
         suite.wait_serving()
-        client = GatewayClient(f"127.0.0.1:{ports['GATEWAY']}", dev_key_path().read_text().strip())
+        client = GatewayClient(gateway, dev_key_path().read_text().strip())
         reply = run_example(client, paths, Path(args.out), args.max_steps)
         return 0 if reply.evaluation.state == gateway_pb2.EVALUATION_STATE_SUCCEEDED else 1
     finally:
