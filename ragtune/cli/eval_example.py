@@ -71,10 +71,13 @@ def build_example(folder: Path, questions: int, kb: int, finetune: int, seed: in
         for doc_id, fact, _, _ in INVENTED_FACTS:
             out.write(json.dumps({"id": doc_id, "text": fact}) + "\n")
     with paths["ku_finetune"].open("w") as out:
-        for _ in range(8):  # repeated: a handful of facts needs several passes to be learned at all
-            for _, fact, question, answer in INVENTED_FACTS:
-                out.write(json.dumps({"messages": [{"role": "user", "content": question},
-                                                   {"role": "assistant", "content": answer}]}) + "\n")
+        # A few phrasings of each fact: a handful of facts needs several distinct examples to be
+        # learned at all, and the trainer rejects duplicate examples.
+        for _, fact, question, answer in INVENTED_FACTS:
+            for prompt, reply in ((question, answer), (f"Answer briefly: {question}", answer),
+                                  (f"Tell me a fact about {answer}.", fact)):
+                out.write(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                                   {"role": "assistant", "content": reply}]}) + "\n")
     with paths["ku_eval"].open("w") as out:
         for doc_id, _, question, answer in INVENTED_FACTS:
             out.write(json.dumps({"id": doc_id, "question": question, "answers": [answer],

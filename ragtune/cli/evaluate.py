@@ -46,8 +46,8 @@ def print_summary(reply: gateway_pb2.GetEvaluationResponse, out_dir: Path, out=s
                   f"{a.mean_prompt_tokens + a.mean_completion_tokens:>8.0f}\n")
     if e.HasField("knowledge_update"):
         ku = e.knowledge_update
-        out.write(f"knowledge update ({ku.facts} facts): RAG {ku.rag_seconds:.1f} s (F1 {ku.rag_token_f1:.2f}) vs "
-                  f"fine-tuning {ku.finetune_seconds:.1f} s (F1 {ku.finetune_token_f1:.2f})"
+        out.write(f"knowledge update ({ku.facts} facts): RAG {ku.rag_seconds:.2f} s (F1 {ku.rag_token_f1:.2f}) vs "
+                  f"fine-tuning {ku.finetune_seconds:.2f} s (F1 {ku.finetune_token_f1:.2f})"
                   f"{' - ' + ku.error if ku.error else ''}\n")
     if e.recommended_arm:
         out.write(f"recommended: {e.recommended_arm}\n")
