@@ -51,28 +51,36 @@ def build_messages(question: str, passages: Sequence[ContextPassage]) -> list[di
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
+def prompt_skeleton_tokens(count_messages: Callable[[list[dict[str, str]]], int],
+                           count_text: Callable[[str], int]) -> int:
+    """Tokens of a RAG prompt with an empty question and one empty passage: the fixed part that
+    fit_passages adds the question and the passages to. Question-independent, so counted once."""
+    empty = ContextPassage(1, "", "", 0, 0.0, "")
+    return count_messages(build_messages("", [empty])) - count_text(render_passage(empty))
+
+
 def fit_passages(
     question: str,
     passages: Sequence[ContextPassage],
-    count_messages: Callable[[list[dict[str, str]]], int],
-    count_text: Callable[[str], int],
+    count_texts: Callable[[list[str]], list[int]],
+    skeleton_tokens: int,
     budget_tokens: int,
 ) -> list[ContextPassage]:
     """The longest rank-order prefix of passages whose prompt fits in budget_tokens, renumbered from 1.
 
-    Counts the fixed part of the prompt once and each passage once (tokenizing every candidate
-    prompt whole would cost the gateway milliseconds per request); a small slack per passage
-    covers token merges at the joins."""
-    empty = ContextPassage(1, "", "", 0, 0.0, "")
-    used = count_messages(build_messages(question, [empty])) - count_text(render_passage(empty))
+    Counts the question and the passages in one batched tokenizer call on top of the fixed
+    skeleton (rendering and tokenizing every candidate prompt whole would cost the gateway
+    milliseconds per request); a small slack per piece covers token merges at the joins."""
+    numbered = [_renumber(p, i + 1) for i, p in enumerate(passages)]
+    counts = count_texts([question, *(render_passage(p) for p in numbered)])
+    used = skeleton_tokens + counts[0] + 2
     kept: list[ContextPassage] = []
-    for passage in passages:
-        numbered = _renumber(passage, len(kept) + 1)
-        cost = count_text(render_passage(numbered)) + 2
+    for passage, tokens in zip(numbered, counts[1:]):
+        cost = tokens + 2
         if used + cost > budget_tokens:
             break
         used += cost
-        kept.append(numbered)
+        kept.append(passage)
     return kept
 
 

@@ -10,7 +10,14 @@ from typing import AsyncIterator
 from ragtune.errors import FieldViolation, InvalidArgument
 from ragtune.v1 import common_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from gateway.downstream import CallBudget, Downstream
-from gateway.prompting import ContextPassage, build_messages, cited_numbers, fit_passages, inferred_citations
+from gateway.prompting import (
+    ContextPassage,
+    build_messages,
+    cited_numbers,
+    fit_passages,
+    inferred_citations,
+    prompt_skeleton_tokens,
+)
 
 MAX_QUESTION_CHARS = 8000
 # Tokens kept free besides the answer: the chat template's own tokens vary slightly by message.
@@ -31,6 +38,9 @@ class TokenCounter:
 
     def text(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def texts(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self._tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def validate_question(q: gateway_pb2.AskQuestion, max_top_k: int) -> None:
@@ -67,6 +77,7 @@ class AskPipeline:
         self._max_top_k = max_top_k
         self._default_max_tokens = default_max_tokens
         self._context_window: int | None = None
+        self._skeleton_tokens = prompt_skeleton_tokens(count_tokens.messages, count_tokens.text)
 
     async def _window(self, budget: CallBudget) -> int:
         if self._context_window is None:
@@ -109,7 +120,7 @@ class AskPipeline:
             window = await self._window(budget)
             retrieval_s = time.perf_counter() - t0
             passages = fit_passages(
-                q.question, found, self._count.messages, self._count.text,
+                q.question, found, self._count.texts, self._skeleton_tokens,
                 window - sampling.max_tokens - _WINDOW_MARGIN,
             )
             yield gateway_pb2.AskStreamResponse(context=gateway_pb2.AskContext(context=[_citation(p) for p in passages]))

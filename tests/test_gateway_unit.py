@@ -16,6 +16,7 @@ from gateway.prompting import (
     cited_numbers,
     fit_passages,
     inferred_citations,
+    prompt_skeleton_tokens,
 )
 from gateway.server import GatewayService
 from gateway.settings import GatewaySettings
@@ -43,12 +44,19 @@ def test_prompt_without_passages_is_the_plain_question():
 def test_fit_passages_keeps_a_rank_prefix_within_the_budget():
     words = lambda text: len(text.split())  # noqa: E731 - a stand-in tokenizer: one token per word
     count_messages = lambda msgs: sum(words(m["content"]) for m in msgs)  # noqa: E731
+    count_texts = lambda texts: [words(t) for t in texts]  # noqa: E731
+    skeleton = prompt_skeleton_tokens(count_messages, words)
     passages = [_passage(i, " ".join(["w"] * 50)) for i in range(1, 6)]
-    budget = count_messages(build_messages("q", passages[:2])) + 10
-    kept = fit_passages("q", passages, count_messages, words, budget)
+    # The skeleton plus the question and the first two passages, as counted whole, fit; a third does not.
+    two = count_messages(build_messages("q", passages[:2]))
+    kept = fit_passages("q", passages, count_texts, skeleton, two + 10)
     assert [p.number for p in kept] == [1, 2]
-    assert fit_passages("q", passages, count_messages, words, 10_000) == passages
-    assert fit_passages("q", passages, count_messages, words, 5) == []
+    assert fit_passages("q", passages, count_texts, skeleton, 10_000) == passages
+    assert fit_passages("q", passages, count_texts, skeleton, 5) == []
+    # Never more than the whole prompt would really take, slack included.
+    for kept_n in range(1, 6):
+        budget = count_messages(build_messages("q", passages[:kept_n])) + 2 * (kept_n + 1)
+        assert len(fit_passages("q", passages, count_texts, skeleton, budget)) == kept_n
 
 
 def test_cited_numbers_in_order_of_first_use_and_in_range():
