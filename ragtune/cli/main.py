@@ -13,7 +13,8 @@ from typing import Iterator
 import grpc
 
 from ragtune.cli.client import DEFAULT_GATEWAY, GatewayClient, describe_error, resolve_api_key
-from ragtune.v1 import common_pb2, gateway_pb2, generator_pb2, retriever_pb2, trainer_pb2
+from ragtune.values import to_value
+from ragtune.v1 import gateway_pb2, generator_pb2, retriever_pb2, trainer_pb2
 
 _TEXT_SUFFIXES = {".txt", ".md", ".rst"}
 _BATCH_DOCS = 16
@@ -36,20 +37,10 @@ def iter_documents(paths: list[str]) -> Iterator[retriever_pb2.Document]:
                         item = json.loads(line)
                         doc = retriever_pb2.Document(id=str(item["id"]), text=item["text"])
                         for key, value in (item.get("metadata") or {}).items():
-                            doc.metadata[key].CopyFrom(_value(value))
+                            doc.metadata[key].CopyFrom(to_value(value))
                         yield doc
             elif file.suffix in _TEXT_SUFFIXES:
                 yield retriever_pb2.Document(id=file.stem, text=file.read_text(encoding="utf-8"))
-
-
-def _value(v) -> common_pb2.Value:
-    if isinstance(v, bool):
-        return common_pb2.Value(bool_value=v)
-    if isinstance(v, int):
-        return common_pb2.Value(int_value=v)
-    if isinstance(v, float):
-        return common_pb2.Value(double_value=v)
-    return common_pb2.Value(string_value=str(v))
 
 
 def ensure_collection(client: GatewayClient, name: str) -> None:
