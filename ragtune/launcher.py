@@ -148,14 +148,13 @@ def isolated_suite(prefix: str) -> tuple["LocalSuite", str]:
 
 def run_up(demo: bool = False, exit_after: bool = False) -> int:
     suite = LocalSuite(_home())
-    stop_requested = False
 
     def on_signal(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    # SIGINT explicitly too: a launcher started in the background by a shell inherits SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     try:
         suite.start()
         suite.wait_serving()
