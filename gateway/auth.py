@@ -1,18 +1,21 @@
-"""API keys -> tenant and scopes. Keys are stored only as SHA-256 hashes and compared in constant time."""
+"""API keys -> tenant and scopes. Keys live hashed in the control-plane database; every replica keeps
+the active set in memory and reloads it every RAGTUNE_GATEWAY_KEY_REFRESH_S seconds, so a revoked
+key is refused everywhere within that bound, with no database round trip on the request path."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import hmac
-import json
-import secrets
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable
 
-from ragtune.errors import PermissionDenied, Unauthenticated
-from ragtune.tenancy import is_valid_tenant
+from ragtune.controlplane.api_keys import ActiveKey, ApiKeyStore
+from ragtune.errors import PermissionDenied, ServiceError, Unauthenticated
+
+log = logging.getLogger(__name__)
 
 
 class Scope(str, enum.Enum):
@@ -32,55 +35,21 @@ class Principal:
             raise PermissionDenied(f"this API key lacks the '{scope.value}' scope")
 
 
-@dataclass(frozen=True)
-class _KeyEntry:
-    digest: bytes
-    principal: Principal
+class KeyRing:
+    """The active keys by SHA-256 digest. Looking up the digest of the presented key reveals nothing
+    about stored keys through timing (the digest is not attacker-controlled); the final comparison
+    is constant-time all the same."""
 
+    def __init__(self, keys: Iterable[ActiveKey] = ()):
+        self.replace(keys)
 
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def new_key_entry(tenant: str, scopes: Iterable[str]) -> tuple[str, dict]:
-    """A fresh random key and the hashed entry to put in the keys file (the key itself is not stored)."""
-    key = "rt_" + secrets.token_urlsafe(32)
-    return key, {"sha256": hash_key(key), "tenant": tenant, "scopes": sorted(set(scopes))}
-
-
-class ApiKeyStore:
-    def __init__(self, entries: list[_KeyEntry]):
-        self._entries = entries
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "api keys") -> "ApiKeyStore":
-        data = json.loads(text)
-        entries = []
-        for i, item in enumerate(data.get("keys", [])):
-            tenant = item.get("tenant", "")
-            if not is_valid_tenant(tenant):
-                raise ValueError(f"{source}: keys[{i}].tenant {tenant!r} is not a valid tenant id")
-            digest = item.get("sha256", "")
-            if len(digest) != 64:
-                raise ValueError(f"{source}: keys[{i}].sha256 must be a hex SHA-256 of the key")
-            try:
-                scopes = frozenset(Scope(s) for s in item.get("scopes", []))
-            except ValueError as exc:
-                raise ValueError(f"{source}: keys[{i}].scopes: {exc}") from None
-            entries.append(_KeyEntry(bytes.fromhex(digest), Principal(tenant, scopes)))
-        return cls(entries)
-
-    @classmethod
-    def load(cls, file: Path | None, inline: str | None) -> "ApiKeyStore":
-        entries: list[_KeyEntry] = []
-        if file is not None:
-            entries += cls.from_json(Path(file).read_text(), str(file))._entries
-        if inline:
-            entries += cls.from_json(inline, "RAGTUNE_GATEWAY_API_KEYS")._entries
-        return cls(entries)
+    def replace(self, keys: Iterable[ActiveKey]) -> None:
+        self._by_digest = {
+            bytes.fromhex(k.sha256): Principal(k.tenant, frozenset(Scope(s) for s in k.scopes)) for k in keys
+        }
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._by_digest)
 
     def authenticate(self, metadata: Iterable[tuple[str, str]]) -> Principal:
         """Finds the principal of the key in `authorization: Bearer <key>` (or `x-api-key`)."""
@@ -95,10 +64,36 @@ class ApiKeyStore:
         if not key:
             raise Unauthenticated("missing API key: send 'authorization: Bearer <api key>'")
         digest = hashlib.sha256(key.encode()).digest()
-        found = None
-        for entry in self._entries:  # no early exit: the time taken does not depend on which key matched
-            if hmac.compare_digest(entry.digest, digest):
-                found = entry.principal
-        if found is None:
+        principal = self._by_digest.get(digest)
+        stored = digest if principal is not None else b"\0" * len(digest)
+        if principal is None or not hmac.compare_digest(stored, digest):
             raise Unauthenticated("invalid API key")
-        return found
+        return principal
+
+
+class KeyRefresher:
+    """Reloads a KeyRing from the database on a fixed period. While the database is unreachable the
+    last loaded keys stay in force (requests keep being served; revocations wait for it)."""
+
+    def __init__(self, store: ApiKeyStore, ring: KeyRing, period_s: float):
+        self._store, self._ring, self._period = store, ring, period_s
+        self._task: asyncio.Task | None = None
+
+    async def load(self) -> None:
+        self._ring.replace(await asyncio.to_thread(self._store.active))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._period)
+            try:
+                await self.load()
+            except ServiceError as error:
+                log.warning("API keys not refreshed: %s", error.message)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="api-key-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

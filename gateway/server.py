@@ -11,12 +11,16 @@ import logging
 
 import grpc
 
-from ragtune.errors import Unavailable
+from ragtune.controlplane import Database
+from ragtune.controlplane.api_keys import ApiKeyStore, load_key_file
+from ragtune.controlplane.evaluations import EvaluationStore
+from ragtune.errors import InvalidArgument
 from ragtune.models import base_model_dir
 from ragtune.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.auth import ApiKeyStore, Scope
+from gateway.auth import KeyRefresher, KeyRing, Scope
 from gateway.downstream import CallBudget, Downstream
-from gateway.evaluation.runner import EvaluationRunner
+from gateway.evaluation.service import EvaluationService
+from gateway.evaluation.worker import EvaluationWorker
 from gateway.rag import AskPipeline, TokenCounter
 from gateway.settings import GatewaySettings
 
@@ -54,22 +58,18 @@ _SERVER_STREAM_FORWARDS = {"WatchJob": ("trainer", "WatchJob", Scope.READ)}
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    """Registered before the server starts; its keys, channels and pipeline are attached by
-    GatewayService.start() before health reports SERVING."""
+    """Registered before the server starts; GatewayService.start() attaches its collaborators
+    before health reports SERVING (ServiceHost's readiness gate refuses calls until then)."""
 
     def __init__(self, settings: GatewaySettings):
         self._settings = settings
-        self._keys = ApiKeyStore([])
-        self._down: Downstream | None = None
-        self._pipeline: AskPipeline | None = None
 
-    def attach(self, keys: ApiKeyStore, downstream: Downstream, pipeline: AskPipeline,
-               evaluations: EvaluationRunner) -> None:
-        self._keys, self._down, self._pipeline, self._evaluations = keys, downstream, pipeline, evaluations
+    def attach(self, keys: KeyRing, api_keys: ApiKeyStore, downstream: Downstream, pipeline: AskPipeline,
+               evaluations: EvaluationService) -> None:
+        self._keys, self._api_keys, self._down = keys, api_keys, downstream
+        self._pipeline, self._evaluations = pipeline, evaluations
 
     def _authorize(self, context: grpc.aio.ServicerContext, *scopes: Scope) -> CallBudget:
-        if self._pipeline is None:
-            raise Unavailable("the gateway is still starting")
         principal = self._keys.authenticate(context.invocation_metadata())
         for scope in scopes:
             principal.require(scope)
@@ -93,27 +93,63 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def GetEvaluation(self, request, context):
         budget = self._authorize(context, Scope.READ)
-        job = self._evaluations.get(budget.tenant, request.id)
-        reply = gateway_pb2.GetEvaluationResponse(evaluation=job.snapshot)
-        if request.include_report:
-            for name, attr in (("report.md", "report_markdown"), ("report.html", "report_html")):
-                path = job.folder / name
-                if path.exists():
-                    setattr(reply, attr, path.read_text(encoding="utf-8"))
-        return reply
+        return await self._evaluations.get(budget.tenant, _evaluation_id(request.id), request.include_report)
 
     async def ListEvaluations(self, request, context):
         budget = self._authorize(context, Scope.READ)
-        return gateway_pb2.ListEvaluationsResponse(evaluations=self._evaluations.list(budget.tenant))
+        return gateway_pb2.ListEvaluationsResponse(evaluations=await self._evaluations.list(budget.tenant))
 
     async def WatchEvaluation(self, request, context):
         budget = self._authorize(context, Scope.READ)
-        async for snapshot in self._evaluations.watch(budget.tenant, request.id):
+        async for snapshot in self._evaluations.watch(budget.tenant, _evaluation_id(request.id)):
             yield gateway_pb2.WatchEvaluationResponse(evaluation=snapshot)
 
     async def CancelEvaluation(self, request, context):
         budget = self._authorize(context, Scope.READ)
-        return gateway_pb2.CancelEvaluationResponse(evaluation=await self._evaluations.cancel(budget.tenant, request.id))
+        evaluation = await self._evaluations.cancel(budget.tenant, _evaluation_id(request.id))
+        return gateway_pb2.CancelEvaluationResponse(evaluation=evaluation)
+
+    async def CreateApiKey(self, request, context):
+        budget = self._authorize(context, Scope.ADMIN)
+        scopes = _scopes(request.scopes)
+        if len(request.name) > 128:
+            raise InvalidArgument("name", "must be at most 128 characters")
+        key, record = await asyncio.to_thread(self._api_keys.create, budget.tenant, scopes, request.name)
+        return gateway_pb2.CreateApiKeyResponse(key=key, api_key=_api_key_message(record))
+
+    async def ListApiKeys(self, request, context):
+        budget = self._authorize(context, Scope.ADMIN)
+        records = await asyncio.to_thread(self._api_keys.list, budget.tenant, request.include_revoked)
+        return gateway_pb2.ListApiKeysResponse(api_keys=[_api_key_message(r) for r in records])
+
+    async def RevokeApiKey(self, request, context):
+        budget = self._authorize(context, Scope.ADMIN)
+        if not request.id or len(request.id) > 64:
+            raise InvalidArgument("id", "is required (an id from ListApiKeys)")
+        record = await asyncio.to_thread(self._api_keys.revoke, budget.tenant, request.id)
+        return gateway_pb2.RevokeApiKeyResponse(api_key=_api_key_message(record))
+
+
+def _evaluation_id(evaluation_id: str) -> str:
+    if not evaluation_id or len(evaluation_id) > 64:
+        raise InvalidArgument("id", "is required (an evaluation id)")
+    return evaluation_id
+
+
+def _scopes(scopes) -> list[str]:
+    if not scopes:
+        raise InvalidArgument("scopes", f"must name at least one of {[s.value for s in Scope]}")
+    unknown = [s for s in scopes if s not in {x.value for x in Scope}]
+    if unknown:
+        raise InvalidArgument("scopes", f"unknown scope(s) {unknown}; known: {[s.value for s in Scope]}")
+    return list(scopes)
+
+
+def _api_key_message(record) -> gateway_pb2.ApiKey:
+    return gateway_pb2.ApiKey(
+        id=record.id, tenant=record.tenant, scopes=list(record.scopes), name=record.name, prefix=record.prefix,
+        source=record.source, create_time=record.create_time, revoke_time=record.revoke_time or 0.0,
+    )
 
 
 def _unary_forward(name: str, service: str, method: str, scope: Scope, idempotent: bool):
@@ -168,24 +204,37 @@ for _name, (_svc, _method, _scope) in _SERVER_STREAM_FORWARDS.items():
 
 
 class GatewayService:
-    """Hosts the gateway: loads API keys and the tokenizer, opens channels to the services."""
+    """Hosts the gateway: opens the control plane (API keys, evaluations), loads the tokenizer, opens
+    channels to the services, and runs this replica's share of the evaluation work."""
 
     service_names = (SERVICE_NAME,)
 
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         self.servicer = GatewayServicer(settings)
+        self.database: Database | None = None
         self.downstream: Downstream | None = None
-        self.evaluations: EvaluationRunner | None = None
+        self.keys: KeyRefresher | None = None
+        self.worker: EvaluationWorker | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
         s = self.settings
-        keys = ApiKeyStore.load(s.api_keys_file, s.api_keys.get_secret_value() if s.api_keys else None)
-        if not len(keys):
-            log.warning("no API keys configured: every call will be refused (set RAGTUNE_GATEWAY_API_KEYS_FILE)")
+        bootstrap = load_key_file(s.api_keys_file, s.api_keys.get_secret_value() if s.api_keys else None)
+        self.database = Database.from_settings(s)
+        if s.database_migrate:
+            await asyncio.to_thread(self.database.migrate, 30.0)
+        api_keys = ApiKeyStore(self.database)
+        imported = await asyncio.to_thread(api_keys.import_entries, bootstrap)
+        ring = KeyRing()
+        self.keys = KeyRefresher(api_keys, ring, s.key_refresh_s)
+        await self.keys.load()
+        self.keys.start()
+        log.info("API keys: %d active (%d imported from the keys file)", len(ring), imported)
+        if not len(ring):
+            log.warning("no API keys: every call will be refused (set RAGTUNE_GATEWAY_API_KEYS_FILE to bootstrap)")
         counter = await asyncio.to_thread(TokenCounter, s.tokenizer_dir or base_model_dir(s.model_cache))
         self.downstream = Downstream(
             s.retriever_address, s.generator_address, s.trainer_address,
@@ -196,11 +245,21 @@ class GatewayService:
             self.downstream, counter, default_top_k=s.default_top_k, max_top_k=s.max_top_k,
             default_max_tokens=s.default_max_tokens,
         )
-        self.evaluations = EvaluationRunner(pipeline, self.downstream, s.home / "gateway" / "evaluations")
-        self.servicer.attach(keys, self.downstream, pipeline, self.evaluations)
+        store = EvaluationStore(self.database)
+        if s.evaluation_workers:
+            self.worker = EvaluationWorker(store, pipeline, self.downstream, s.artifacts, slots=s.evaluation_workers,
+                                           lease_s=s.evaluation_lease_s, poll_interval_s=s.poll_interval_s)
+            self.worker.start()
+        evaluations = EvaluationService(store, self.downstream, s.artifacts, self.worker, s.poll_interval_s)
+        self.servicer.attach(ring, api_keys, self.downstream, pipeline, evaluations)
 
     async def stop(self) -> None:
-        if self.evaluations is not None:
-            await self.evaluations.close()
+        # Running evaluations are handed back first, so another replica resumes them at once.
+        if self.worker is not None:
+            await self.worker.stop()
+        if self.keys is not None:
+            await self.keys.stop()
         if self.downstream is not None:
             await self.downstream.close()
+        if self.database is not None:
+            self.database.dispose()

@@ -27,6 +27,21 @@ class GatewaySettings(ServiceSettings):
     default_top_k: int = Field(4, ge=1, le=20, description="Chunks retrieved for Ask when top_k is 0.")
     max_top_k: int = Field(20, ge=1, le=100, description="Largest top_k Ask accepts.")
     default_max_tokens: int = Field(256, ge=1, description="Answer length when sampling.max_tokens is unset.")
+    key_refresh_s: float = Field(
+        2.0, gt=0, le=300, description="How often each replica reloads API keys from the database: a revoked key is"
+        " refused by every replica at most this long after RevokeApiKey."
+    )
+    evaluation_workers: int = Field(
+        1, ge=0, le=16, description="Evaluations this replica runs at once (claimed from the database); 0 serves the"
+        " evaluation RPCs but runs none."
+    )
+    evaluation_lease_s: float = Field(
+        30.0, ge=1, description="A replica's claim on a running evaluation lasts this long unless renewed; when it dies,"
+        " another replica resumes the evaluation at most this long later."
+    )
+    poll_interval_s: float = Field(
+        0.5, gt=0, le=60, description="How often idle evaluation workers look for work and watchers for changes."
+    )
     tokenizer_dir: Path | None = Field(
         None, description="Tokenizer used to fit context into the window; default the prepared base model."
     )

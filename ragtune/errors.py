@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -25,10 +25,12 @@ class ServiceError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, *, violations: tuple[FieldViolation, ...] | list[FieldViolation] = ()):
+    def __init__(self, message: str, *, violations: tuple[FieldViolation, ...] | list[FieldViolation] = (),
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.violations = tuple(violations)
+        self.retry_after_s = retry_after_s  # sent as google.rpc.RetryInfo: when a retry may succeed
 
     def to_status(self) -> grpc.Status:
         details = []
@@ -41,6 +43,12 @@ class ServiceError(Exception):
             )
             packed = any_pb2.Any()
             packed.Pack(bad)
+            details.append(packed)
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            packed = any_pb2.Any()
+            packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
             details.append(packed)
         proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         return rpc_status.to_status(proto)

@@ -48,7 +48,7 @@ def _home() -> Path:
 
 def ensure_dev_key(home: Path) -> Path:
     """Creates the local keys file with one admin key for tenant 'demo' unless one exists."""
-    from gateway.auth import new_key_entry
+    from ragtune.controlplane.api_keys import new_key_entry
 
     keys_file = home / "gateway" / "api-keys.json"
     if keys_file.exists() and dev_key_path().exists():

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import metrics
 
-from ragtune.errors import ServiceError, Unauthenticated
+from ragtune.errors import ServiceError, Unauthenticated, Unavailable
 from ragtune.settings import ServiceSettings
 from ragtune.telemetry import configure_logging, configure_telemetry, server_interceptors
 from ragtune.tenancy import INTERNAL_TOKEN_METADATA_KEY
@@ -155,6 +155,33 @@ class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+class ReadinessInterceptor(grpc.aio.ServerInterceptor):
+    """The one readiness gate: until the service has warmed up (health SERVING), its RPCs answer
+    UNAVAILABLE with a RetryInfo hint instead of reaching half-built state; health and reflection
+    stay open."""
+
+    def __init__(self, name: str, retry_after_s: float = 1.0):
+        self.ready = False
+        self._status = Unavailable(f"the {name} is still starting; retry shortly", retry_after_s=retry_after_s).to_status()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if self.ready or handler_call_details.method.startswith(_EXEMPT_PREFIXES):
+            return await continuation(handler_call_details)
+        status = self._status
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+
+        async def refuse(request, context):
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+        async def refuse_stream(request, context):
+            await context.abort(status.code, status.details, status.trailing_metadata)
+            yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
+        return _wrap_handler(handler, lambda _: refuse, lambda _: refuse_stream)
+
+
 class ServiceHost:
     """Runs one Service on a grpc.aio server. Tests use start()/stop() in-process on port 0."""
 
@@ -166,6 +193,8 @@ class ServiceHost:
         interceptors: list[Any] = [*server_interceptors(), *extra_interceptors]
         if settings.internal_token is not None:
             interceptors.append(InternalTokenInterceptor(settings.internal_token.get_secret_value()))
+        self.readiness = ReadinessInterceptor(name)
+        interceptors.append(self.readiness)
         interceptors.append(ErrorMappingInterceptor(name))
         self.server = grpc.aio.server(
             interceptors=interceptors,
@@ -198,6 +227,7 @@ class ServiceHost:
         log.info("listening on %s:%d, warming up", self.settings.host, self.port)
         started = time.perf_counter()
         await self.service.start()
+        self.readiness.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving after %.1f s warm-up", time.perf_counter() - started)
         return self.port

@@ -33,10 +33,33 @@ class ServiceSettings(BaseSettings):
         validation_alias="RAGTUNE_MODEL_CACHE",
         description="Where the base model prepared at setup lives.",
     )
+    artifact_root: Path | None = Field(
+        None,
+        validation_alias="RAGTUNE_ARTIFACT_ROOT",
+        description="Shared storage for datasets, checkpoints, adapters and evaluation reports (a"
+        " ReadWriteMany volume in Kubernetes); default <RAGTUNE_HOME>.",
+    )
     adapter_registry: Path | None = Field(
         None,
         validation_alias="RAGTUNE_ADAPTER_REGISTRY",
-        description="Root of the adapter registry; default <RAGTUNE_HOME>/adapters.",
+        description="Root of the adapter registry; default <RAGTUNE_ARTIFACT_ROOT>/adapters.",
+    )
+    database_url: str | None = Field(
+        None,
+        validation_alias="RAGTUNE_DATABASE_URL",
+        description="SQLAlchemy URL of the control-plane database: sqlite:///path (default"
+        " sqlite:///<RAGTUNE_HOME>/controlplane.sqlite3) or postgresql+psycopg://user@host:5432/db.",
+    )
+    database_password: SecretStr | None = Field(
+        None,
+        validation_alias="RAGTUNE_DATABASE_PASSWORD",
+        description="Password for RAGTUNE_DATABASE_URL, kept out of the URL (e.g. from a Secret).",
+    )
+    database_migrate: bool = Field(
+        True,
+        validation_alias="RAGTUNE_DATABASE_MIGRATE",
+        description="Upgrade the schema at start (under a lock, so replicas never race); false when a"
+        " separate migration step (`python -m ragtune.controlplane migrate`) owns it.",
     )
     log_level: str = Field("INFO", validation_alias="RAGTUNE_LOG_LEVEL")
     log_format: Literal["json", "text"] = Field("json", validation_alias="RAGTUNE_LOG_FORMAT")
@@ -47,8 +70,12 @@ class ServiceSettings(BaseSettings):
     )
 
     @property
+    def artifacts(self) -> Path:
+        return self.artifact_root or self.home
+
+    @property
     def registry_root(self) -> Path:
-        return self.adapter_registry or self.home / "adapters"
+        return self.adapter_registry or self.artifacts / "adapters"
 
     @property
     def address(self) -> str:

@@ -109,3 +109,36 @@ def style_adapter(ragtune_home):
             {"base_model": BASE_MODEL_NAME, "method": "lora", "rank": 8, "servable": True, "final_loss": loss.item()},
         )
     return version
+
+
+# --- the control-plane database: every store test runs on SQLite and on a real PostgreSQL ---------
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """URL of a PostgreSQL server the tests may create databases on (fails in CI when there is none)."""
+    from tests.database_support import server_url_or_skip
+
+    return server_url_or_skip()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """A fresh, empty control-plane database URL, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'controlplane.sqlite3'}"
+        return
+    from tests.database_support import fresh_database
+
+    with fresh_database(request.getfixturevalue("postgres_server")) as url:
+        yield url
+
+
+@pytest.fixture
+def database(database_url):
+    """A migrated `Database` on `database_url`."""
+    from ragtune.controlplane import Database
+
+    db = Database(database_url)
+    db.migrate()
+    yield db
+    db.dispose()

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway.auth import new_key_entry
+from ragtune.controlplane.api_keys import new_key_entry
 from gateway.server import GatewayService
 from gateway.settings import GatewaySettings
 from ragtune.v1 import gateway_pb2, gateway_pb2_grpc, retriever_pb2, trainer_pb2
@@ -273,7 +273,8 @@ def test_a_small_evaluation_runs_end_to_end(suite):
     assert rag.token_f1.ci_low <= rag.token_f1.mean <= rag.token_f1.ci_high
     assert e.recommended_arm in ("base", "rag") and e.reasons
     # The kept per-question results agree with the metric recomputed from the stored answers.
-    results = json.loads((Path(e.report_folder) / "results.json").read_text())
+    results = json.loads(reply.results_json)
+    assert results == json.loads((Path(e.report_folder) / "results.json").read_text())
     for arm in results["arms"]:
         for q in arm["questions"]:
             assert q["token_f1"] == pytest.approx(token_f1(q["answer"], q["references"]))

@@ -9,7 +9,8 @@ import time
 import grpc
 import pytest
 
-from gateway.auth import ApiKeyStore, Scope, hash_key, new_key_entry
+from gateway.auth import KeyRing, Scope
+from ragtune.controlplane.api_keys import hash_key, new_key_entry, parse_key_entries
 from gateway.prompting import (
     ContextPassage,
     build_messages,
@@ -73,7 +74,7 @@ def test_inferred_citations_need_real_word_overlap():
 def test_api_keys_are_hashed_and_scoped():
     key, entry = new_key_entry("acme", ["read"])
     assert key not in json.dumps(entry) and entry["sha256"] == hash_key(key)
-    store = ApiKeyStore.from_json(json.dumps({"keys": [entry]}))
+    store = KeyRing(parse_key_entries(json.dumps({"keys": [entry]})))
     principal = store.authenticate([("authorization", f"Bearer {key}")])
     assert principal.tenant == "acme"
     principal.require(Scope.READ)
@@ -89,9 +90,11 @@ def test_api_keys_are_hashed_and_scoped():
 
 def test_api_keys_file_rejects_bad_entries():
     with pytest.raises(ValueError, match="tenant"):
-        ApiKeyStore.from_json(json.dumps({"keys": [{"sha256": "0" * 64, "tenant": "Bad Tenant", "scopes": []}]}))
+        parse_key_entries(json.dumps({"keys": [{"sha256": "0" * 64, "tenant": "Bad Tenant", "scopes": []}]}))
     with pytest.raises(ValueError, match="scopes"):
-        ApiKeyStore.from_json(json.dumps({"keys": [{"sha256": "0" * 64, "tenant": "t", "scopes": ["root"]}]}))
+        parse_key_entries(json.dumps({"keys": [{"sha256": "0" * 64, "tenant": "t", "scopes": ["root"]}]}))
+    with pytest.raises(ValueError, match="sha256"):
+        parse_key_entries(json.dumps({"keys": [{"sha256": "z" * 64, "tenant": "t", "scopes": []}]}))
 
 
 @pytest.fixture(scope="module")

@@ -237,8 +237,41 @@ def _cmd_adapters(args) -> int:
 
 
 def _cmd_keys(args) -> int:
-    from gateway.auth import new_key_entry
+    if args.action == "create" and args.file:
+        return _bootstrap_key(args)
+    if args.action == "create" and args.tenant:
+        print("error: --tenant goes with --file; through the gateway a key is made for the caller's own tenant",
+              file=sys.stderr)
+        return 2
+    client = _client(args)
+    if args.action == "create":
+        reply = client.call("CreateApiKey", gateway_pb2.CreateApiKeyRequest(
+            scopes=args.scopes.split(","), name=args.name))
+        k = reply.api_key
+        print(f"created {k.id} for tenant {k.tenant} ({','.join(k.scopes)}); the key is shown only now:\n{reply.key}")
+    elif args.action == "list":
+        keys = client.call("ListApiKeys", gateway_pb2.ListApiKeysRequest(include_revoked=args.all)).api_keys
+        for k in keys:
+            state = "revoked" if k.revoke_time else "active"
+            print(f"{k.id}  {state:<8} {','.join(k.scopes):<24} {k.source:<5} {k.prefix or '-':<9} {k.name}")
+        if not keys:
+            print("no API keys")
+    else:
+        if not args.id:
+            print("error: name the key to revoke (an id from `ragtune keys list`)", file=sys.stderr)
+            return 2
+        k = client.call("RevokeApiKey", gateway_pb2.RevokeApiKeyRequest(id=args.id)).api_key
+        print(f"revoked {k.id}: every gateway refuses it within seconds")
+    return 0
 
+
+def _bootstrap_key(args) -> int:
+    """Offline: appends a hashed key to a keys file, which gateways import at start."""
+    from ragtune.controlplane.api_keys import new_key_entry
+
+    if not args.tenant:
+        print("error: --file needs --tenant", file=sys.stderr)
+        return 2
     key, entry = new_key_entry(args.tenant, args.scopes.split(","))
     path = Path(args.file)
     data = json.loads(path.read_text()) if path.exists() else {"keys": []}
@@ -340,11 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-report", help="folder for report.md and report.html")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("keys", help="create an API key (stored hashed in the gateway's keys file)")
-    p.add_argument("action", choices=["create"])
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--scopes", default="read,ingest,train")
-    p.add_argument("--file", required=True, help="the keys file (RAGTUNE_GATEWAY_API_KEYS_FILE)")
+    p = sub.add_parser("keys", help="create, list or revoke API keys (admin scope; stored hashed)")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("id", nargs="?", help="revoke: the key's id (from `ragtune keys list`)")
+    p.add_argument("--scopes", default="read,ingest,train", help="create: comma-separated scopes")
+    p.add_argument("--name", default="", help="create: a label for the key")
+    p.add_argument("--all", action="store_true", help="list: include revoked keys")
+    p.add_argument("--file", help="create: write to this keys file instead (offline bootstrap, imported by gateways"
+                                  " at start)")
+    p.add_argument("--tenant", help="create --file: the key's tenant")
     p.set_defaults(func=_cmd_keys)
     return parser
 

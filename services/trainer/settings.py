@@ -15,7 +15,8 @@ class TrainerSettings(ServiceSettings):
 
     port: int = Field(50054, ge=0, le=65535)
     data_dir: Path | None = Field(
-        None, description="Where datasets, the job database and checkpoints live; default <RAGTUNE_HOME>/trainer."
+        None, description="Where datasets and job checkpoints live; default <RAGTUNE_ARTIFACT_ROOT>/trainer (shared"
+        " storage, so another replica resumes a job from its checkpoint)."
     )
     max_dataset_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest dataset UploadDataset accepts.")
     min_examples: int = Field(8, ge=1, description="Fewest valid training examples a dataset must hold.")
@@ -23,7 +24,15 @@ class TrainerSettings(ServiceSettings):
     concurrent_jobs: int = Field(1, ge=1, description="Jobs trained at the same time (each takes the CPU cores).")
     torch_threads: int = Field(2, ge=1, description="torch intra-op threads for training.")
     default_checkpoint_every_steps: int = Field(50, ge=1, description="Checkpoint interval when a job sets none.")
+    lease_s: float = Field(
+        30.0, ge=1, description="A worker's claim on a running job lasts this long unless renewed (every third of it);"
+        " when a worker dies, another resumes the job at most this long later."
+    )
+    poll_interval_s: float = Field(
+        1.0, gt=0, le=60, description="How often idle workers look for queued jobs and watchers for new events."
+    )
+    worker_id: str | None = Field(None, description="Name of this worker in job records; default <hostname>-<pid>.")
 
     @property
     def trainer_dir(self) -> Path:
-        return self.data_dir or self.home / "trainer"
+        return self.data_dir or self.artifacts / "trainer"

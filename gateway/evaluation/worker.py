@@ -1,0 +1,204 @@
+"""`EvaluationWorker`: claims queued evaluations (or ones whose replica died) from the control plane,
+holds each under a lease it renews, and runs it, saving every answered question as it finishes; a
+replacement resumes from those saved results without asking them again.
+
+Stops differ by cause: a client's cancel ends the evaluation CANCELLED (with a partial report); a
+shutdown hands it back at once (lease released) for another replica; a lost lease or an
+unreachable database leaves it alone (the lease runs out and someone claims it again)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from ragtune.controlplane import evaluations as states
+from ragtune.controlplane.database import DatabaseUnavailable
+from ragtune.controlplane.evaluations import EvaluationRecord, EvaluationStore, LeaseLost
+from ragtune.v1 import gateway_pb2
+from gateway.downstream import Downstream
+from gateway.evaluation import convert, knowledge_update
+from gateway.evaluation.recommend import recommend
+from gateway.evaluation.report import write_report
+from gateway.evaluation.results import ArmResult, EvalItem, EvalRun
+from gateway.evaluation.scoring import ask_and_score, describe
+from gateway.evaluation.spec import constraints_of, validate_spec
+from gateway.evaluation.summary import summarize_arm
+from gateway.rag import AskPipeline
+
+log = logging.getLogger(__name__)
+
+CANCEL, SHUTDOWN, LEASE_LOST = "cancel", "shutdown", "lease lost"
+
+
+class EvaluationWorker:
+    def __init__(self, store: EvaluationStore, pipeline: AskPipeline, downstream: Downstream, artifact_root: Path,
+                 *, slots: int, lease_s: float, poll_interval_s: float, worker_id: str | None = None):
+        self.store, self.pipeline, self.down, self.artifacts = store, pipeline, downstream, artifact_root
+        self.slots, self.lease_s, self.poll_s = slots, lease_s, poll_interval_s
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._wake = asyncio.Event()
+        self._loops: list[asyncio.Task] = []
+        self._runs: dict[str, tuple[asyncio.Task, list[str]]] = {}  # id -> (task, [stop reason])
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loops = [asyncio.create_task(self._claim_loop(), name=f"evaluation-worker-{i}") for i in range(self.slots)]
+
+    def wake(self) -> None:
+        """A new evaluation was queued on this replica: look now, not at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        for loop in self._loops:
+            loop.cancel()
+        for task, reason in list(self._runs.values()):
+            reason.append(SHUTDOWN)
+            task.cancel()
+        await asyncio.gather(*self._loops, *(t for t, _ in self._runs.values()), return_exceptions=True)
+
+    async def _claim_loop(self) -> None:
+        while True:
+            try:
+                record = await asyncio.to_thread(self.store.claim, self.worker_id, self.lease_s)
+            except DatabaseUnavailable:
+                record = None
+            if record is None:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                continue
+            await self._supervise(record)
+
+    async def _supervise(self, record: EvaluationRecord) -> None:
+        reason: list[str] = []
+        task = asyncio.create_task(self._run(record, reason), name=f"evaluation-{record.id}")
+        self._runs[record.id] = (task, reason)
+        heartbeat = asyncio.create_task(self._heartbeat(record.id, task, reason))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():  # this loop was cancelled (shutdown): let the run wind down
+                reason.append(SHUTDOWN)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise
+        except Exception:  # noqa: BLE001 - logged inside the run; the worker keeps serving
+            pass
+        finally:
+            heartbeat.cancel()
+            self._runs.pop(record.id, None)
+
+    async def _heartbeat(self, evaluation_id: str, task: asyncio.Task, reason: list[str]) -> None:
+        # Renewing often also makes a client's cancel take effect within seconds.
+        period = min(self.lease_s / 3, 2.0)
+        while not task.done():
+            await asyncio.sleep(period)
+            try:
+                status = await asyncio.to_thread(self.store.renew, evaluation_id, self.worker_id, self.lease_s)
+            except DatabaseUnavailable:
+                continue  # the run itself will stop at its next save if the database stays away
+            if not status.held:
+                reason.append(LEASE_LOST)
+                task.cancel()
+            elif status.cancel_requested:
+                reason.append(CANCEL)
+                task.cancel()
+
+    # -- one evaluation ----------------------------------------------------------------------------
+
+    async def _run(self, record: EvaluationRecord, reason: list[str]) -> None:
+        spec = gateway_pb2.EvaluationSpec.FromString(record.spec)
+        items, arm_names = validate_spec(spec)
+        snapshot = convert.evaluation_message(record, self.artifacts)
+        run = EvalRun(
+            id=record.id, collection=spec.collection, adapter=spec.adapter, top_k=spec.top_k or 4,
+            arms=[ArmResult(name=a) for a in arm_names], constraints=constraints_of(spec),
+            created_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.create_time)),
+        )
+        folder = self.artifacts / record.report_path
+        final, error = states.SUCCEEDED, ""
+        try:
+            saved = await asyncio.to_thread(self.store.results, record.id)
+            if saved:
+                log.info("evaluation %s resumed with %d answers already saved", record.id, len(saved))
+            for arm in run.arms:
+                await self._run_arm(record, spec, run, arm, items, saved, snapshot)
+            if spec.HasField("knowledge_update"):
+                run.knowledge_update = await self._knowledge_update(record, spec, snapshot, run)
+            run.recommendation = recommend(run.arms, run.knowledge_update, run.constraints)
+        except asyncio.CancelledError:
+            if CANCEL not in reason:
+                await self._hand_back(record.id, reason)
+                raise
+            asyncio.current_task().uncancel()  # cancelled on purpose: go on to write the partial report
+            final = states.CANCELLED
+        except (LeaseLost, DatabaseUnavailable):
+            log.warning("evaluation %s stopped here: lease lost or database unavailable", record.id)
+            return
+        except Exception as exc:  # noqa: BLE001 - the evaluation fails, the gateway keeps serving
+            log.exception("evaluation %s failed", record.id)
+            final, error = states.FAILED, describe(exc)
+        # The final state is recorded only after the report is written: watchers read it then.
+        for arm in run.arms:
+            if arm.questions and not arm.summary:
+                arm.summary = summarize_arm(arm.questions)
+        convert.fill_snapshot(snapshot, run)
+        await asyncio.to_thread(write_report, run, folder)
+        await asyncio.to_thread(self.store.finish, record.id, final, convert.snapshot_dict(snapshot), error,
+                                self.worker_id)
+
+    async def _hand_back(self, evaluation_id: str, reason: list[str]) -> None:
+        if SHUTDOWN in reason:
+            try:
+                await asyncio.to_thread(self.store.release, evaluation_id, self.worker_id)
+            except DatabaseUnavailable:
+                pass  # the lease expires instead
+
+    async def _run_arm(self, record, spec, run: EvalRun, arm: ArmResult, items: list[EvalItem],
+                       saved: dict, snapshot: gateway_pb2.Evaluation) -> None:
+        for index, item in enumerate(items):
+            kept = saved.get((arm.name, index))
+            if kept is not None:
+                arm.questions.append(convert.result_of(kept))
+                continue
+            result = await ask_and_score(self.pipeline, record.tenant, item, arm.name, spec, spec.collection,
+                                         spec.adapter)
+            arm.questions.append(result)
+            arm.summary = summarize_arm(arm.questions)
+            snapshot.answers_done = sum(len(a.questions) for a in run.arms)
+            convert.fill_snapshot(snapshot, run)
+            await asyncio.to_thread(self.store.save_result, record.id, self.worker_id, arm.name, index,
+                                    convert.result_dict(result), convert.snapshot_dict(snapshot))
+        errors = [q.error for q in arm.questions if q.error]
+        if arm.questions and len(errors) == len(arm.questions):
+            arm.failed, arm.error = True, errors[0]
+        arm.summary = summarize_arm(arm.questions)
+        snapshot.answers_done = sum(len(a.questions) for a in run.arms)
+
+    async def _knowledge_update(self, record, spec, snapshot, run: EvalRun):
+        if record.knowledge_update is not None:
+            return convert.knowledge_update_of(record.knowledge_update)
+
+        async def answer_arm(items, arm_name, collection, adapter) -> ArmResult:
+            arm = ArmResult(name=arm_name)
+            for item in items:
+                arm.questions.append(await ask_and_score(self.pipeline, record.tenant, item, arm_name, spec,
+                                                         collection, adapter))
+            return arm
+
+        result = await knowledge_update.measure(self.down, answer_arm, record.tenant, record.id,
+                                                spec.knowledge_update)
+        run.knowledge_update = result
+        convert.fill_snapshot(snapshot, run)
+        await asyncio.to_thread(self.store.update_snapshot, record.id, self.worker_id, convert.snapshot_dict(snapshot),
+                                knowledge_update=convert.knowledge_update_dict(result),
+                                event=("knowledge_update", {"error": result.error}))
+        await knowledge_update.clean_up(self.down, record.tenant, record.id)
+        return result
