@@ -1,0 +1,411 @@
+"""What the deployment tests (tests/test_k8s_*.py) share: the overlays rendered offline, lookups in
+the rendered objects, and the cross-reference checks.
+
+No cluster and no Docker engine run here: `kubectl kustomize` renders, `kubernetes-validate`
+checks against the bundled schemas of K8S_VERSION, and the rest is read from the rendered
+objects, the pydantic-settings classes, the .proto files and the Dockerfiles. Each check returns
+a list of problems, so the tests can also prove that it catches breakage.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from tests.grpc_support import REPO_ROOT
+
+K8S_DIR = REPO_ROOT / "k8s"
+OVERLAYS = sorted(p.name for p in (K8S_DIR / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+# The Kubernetes release the manifests target; kubernetes-validate bundles its schemas.
+K8S_VERSION = "1.34.0"
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+# Images built elsewhere, each with the tag form that pins one release of it; every other image
+# needs a Dockerfile in the repo.
+RELEASE_TAG = r"v?\d+\.\d+\.\d+"
+THIRD_PARTY_IMAGES = {
+    "cr.weaviate.io/semitechnologies/weaviate": RELEASE_TAG,
+    "otel/opentelemetry-collector-contrib": RELEASE_TAG,
+    # PostgreSQL numbers its releases major.minor; the suffix pins the Debian base too.
+    "docker.io/library/postgres": r"\d+\.\d+-bookworm",
+}
+# Variables ragtune containers may set that no ragtune settings class reads: the OpenTelemetry
+# SDK's and Hugging Face's offline switches. Not VLLM_CPU_KVCACHE_SPACE: the generator overwrites
+# it from RAGTUNE_GENERATOR_KV_CACHE_SPACE_GIB, so setting it would do nothing.
+THIRD_PARTY_ENV = {
+    "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_SERVICE_NAME",
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+}
+# image name (ragtune/<x>, -gpu variants included) -> (settings class, entry module)
+SERVICES = {
+    "gateway": ("gateway.settings:GatewaySettings", "gateway"),
+    "retriever": ("services.retriever.settings:RetrieverSettings", "services.retriever"),
+    "generator": ("services.generator.settings:GeneratorSettings", "services.generator"),
+    "trainer": ("services.trainer.settings:TrainerSettings", "services.trainer"),
+}
+GPU_SERVICES = {"generator", "trainer"}
+# The services that keep state in the control-plane database, and the one shared artifact volume.
+DATABASE_CLIENTS = {"trainer", "gateway"}
+MIGRATE_COMMAND = ["python", "-m", "ragtune.controlplane", "migrate"]
+ARTIFACTS_CLAIM = "ragtune-artifacts"
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def kubectl() -> str:
+    return str(Path(sys.executable).parent / "kubectl")
+
+
+@cache
+def _render(folder: str) -> str:
+    proc = subprocess.run([kubectl(), "kustomize", str(K8S_DIR / folder)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"kubectl kustomize {folder} failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+def render(overlay: str) -> list[dict]:
+    """The overlay's objects, a fresh copy each call so a test may break them."""
+    return [d for d in yaml.safe_load_all(_render(f"overlays/{overlay}")) if d]
+
+
+def render_base() -> list[dict]:
+    """The base's objects: what every overlay, a site's included, starts from."""
+    return [d for d in yaml.safe_load_all(_render("base")) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def workloads(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def pod_labels(workload: dict) -> dict:
+    return workload["spec"]["template"]["metadata"].get("labels", {})
+
+
+def all_containers(spec: dict) -> list[dict]:
+    """A pod spec's init containers, then its containers."""
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def selects(selector: dict | None, labels: dict) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions, or a plain map)."""
+    if selector is None:
+        return False
+    if "matchLabels" not in selector and "matchExpressions" not in selector:
+        selector = {"matchLabels": selector}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def selected(docs: list[dict], selector: dict | None) -> list[dict]:
+    return [w for w in workloads(docs) if selects(selector, pod_labels(w))]
+
+
+def container_ports(workload: dict) -> set:
+    """Port numbers and names the workload's containers declare."""
+    found = set()
+    for c in pod_spec(workload)["containers"]:
+        for p in c.get("ports", []):
+            found.add(p["containerPort"])
+            if "name" in p:
+                found.add(p["name"])
+    return found
+
+
+def image_name(image: str) -> str:
+    return re.sub(r"(@sha256:[0-9a-f]+|:[^/:]+)$", "", image)
+
+
+def ragtune_containers(docs: list[dict], init: bool = False):
+    """(workload, container, service) for every container running a ragtune image; with `init`,
+    the init containers too (they run the same image, so the same settings class)."""
+    for w in workloads(docs):
+        for c in all_containers(pod_spec(w)) if init else pod_spec(w)["containers"]:
+            name = image_name(c["image"])
+            if name.startswith("ragtune/"):
+                yield w, c, name.removeprefix("ragtune/").removesuffix("-gpu")
+
+
+def volume_at(workload: dict, container: dict, path: Path | str) -> dict | None:
+    """The pod volume that holds `path` in `container` (the deepest mount above it), or None when
+    the path is on the container's own filesystem."""
+    path = PurePosixPath(path)
+    mounts = [m for m in container.get("volumeMounts", []) if path.is_relative_to(m["mountPath"])]
+    if not mounts:
+        return None
+    mount = max(mounts, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))
+    return next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+
+
+# --- the checks: each returns a list of problems, so tests can also prove they catch breakage ---
+
+
+def selector_problems(docs: list[dict]) -> list[str]:
+    problems = []
+    for name, svc in by_kind(docs, "Service").items():
+        targets = selected(docs, svc["spec"].get("selector"))
+        if not targets:
+            problems.append(f"Service {name}: selector {svc['spec'].get('selector')} matches no pod template")
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            for w in targets:
+                if target not in container_ports(w):
+                    problems.append(f"Service {name}: targetPort {target} is not a containerPort of {w['metadata']['name']}")
+    for name, hpa in by_kind(docs, "HorizontalPodAutoscaler").items():
+        ref = hpa["spec"]["scaleTargetRef"]
+        target = by_kind(docs, ref["kind"]).get(ref["name"])
+        if target is None:
+            problems.append(f"HPA {name}: target {ref['kind']}/{ref['name']} does not exist")
+            continue
+        if "replicas" in target["spec"]:
+            problems.append(f"HPA {name}: {ref['name']} sets spec.replicas, which would fight the autoscaler")
+        metrics = [m["resource"]["name"] for m in hpa["spec"].get("metrics", []) if m["type"] == "Resource"]
+        for c in pod_spec(target)["containers"]:
+            for metric in metrics:
+                if metric not in c.get("resources", {}).get("requests", {}):
+                    problems.append(f"HPA {name}: container {c['name']} has no {metric} request to scale on")
+    for name, pdb in by_kind(docs, "PodDisruptionBudget").items():
+        if not selected(docs, pdb["spec"]["selector"]):
+            problems.append(f"PDB {name}: selector matches no pod template")
+    for w in workloads(docs):
+        if not selects(w["spec"]["selector"], pod_labels(w)):
+            problems.append(f"{w['kind']} {w['metadata']['name']}: selector does not match its own pod template")
+    return problems
+
+
+def reference_problems(docs: list[dict]) -> list[str]:
+    """ConfigMaps, Secrets, claims and keys that pods use exist; every mount names a declared volume."""
+    problems = []
+    existing = {kind: by_kind(docs, kind) for kind in ("ConfigMap", "Secret", "PersistentVolumeClaim")}
+
+    def need(kind: str, name: str, key: str | None, where: str) -> None:
+        obj = existing[kind].get(name)
+        if obj is None:
+            problems.append(f"{where}: {kind} {name} does not exist")
+        elif key is not None and key not in {**obj.get("data", {}), **obj.get("stringData", {})}:
+            problems.append(f"{where}: {kind} {name} has no key {key}")
+
+    for w in workloads(docs):
+        spec, where = pod_spec(w), w["metadata"]["name"]
+        claims = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+        for v in spec.get("volumes", []):
+            if "configMap" in v:
+                need("ConfigMap", v["configMap"]["name"], None, where)
+            if "secret" in v:
+                need("Secret", v["secret"]["secretName"], None, where)
+            if "persistentVolumeClaim" in v:
+                need("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"], None, where)
+        volumes = {v["name"] for v in spec.get("volumes", [])} | claims
+        for c in all_containers(spec):
+            for m in c.get("volumeMounts", []):
+                if m["name"] not in volumes:
+                    problems.append(f"{where}/{c['name']}: mounts undeclared volume {m['name']}")
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source:
+                    need("ConfigMap", source["configMapRef"]["name"], None, where)
+                if "secretRef" in source:
+                    need("Secret", source["secretRef"]["name"], None, where)
+            for var in c.get("env", []):
+                ref = var.get("valueFrom", {})
+                if "configMapKeyRef" in ref:
+                    need("ConfigMap", ref["configMapKeyRef"]["name"], ref["configMapKeyRef"]["key"], where)
+                if "secretKeyRef" in ref:
+                    need("Secret", ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"], where)
+    return problems
+
+
+def probe_problems(docs: list[dict]) -> list[str]:
+    problems = []
+    served = proto_services()
+    for w in workloads(docs):
+        for c in pod_spec(w)["containers"]:
+            ports = {p["containerPort"] for p in c.get("ports", [])} | {p.get("name") for p in c.get("ports", [])}
+            where = f"{w['metadata']['name']}/{c['name']}"
+            ours = image_name(c["image"]).startswith("ragtune/")
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = c.get(kind)
+                if probe is None:
+                    if ours or kind != "startupProbe":  # ragtune services load models before serving
+                        problems.append(f"{where}: no {kind}")
+                    continue
+                if "exec" in probe:  # a command in the container (pg_isready): no port to check
+                    if not probe["exec"].get("command"):
+                        problems.append(f"{where}: {kind} runs no command")
+                    continue
+                handler = probe.get("grpc") or probe.get("httpGet") or probe.get("tcpSocket")
+                if handler is None or handler["port"] not in ports:
+                    problems.append(f"{where}: {kind} port {handler and handler['port']} is not a containerPort")
+                if "grpc" in probe and probe["grpc"].get("service", "") not in served | {""}:
+                    problems.append(f"{where}: {kind} asks for health of {probe['grpc']['service']!r}, not served")
+            if ours and "grpc" not in c.get("readinessProbe", {}):
+                problems.append(f"{where}: a ragtune service must use the native gRPC readiness probe")
+    return problems
+
+
+def network_policy_problems(docs: list[dict]) -> list[str]:
+    problems = []
+    for name, policy in by_kind(docs, "NetworkPolicy").items():
+        spec = policy["spec"]
+        targets = workloads(docs) if spec["podSelector"] == {} else selected(docs, spec["podSelector"])
+        if not targets:
+            problems.append(f"NetworkPolicy {name}: podSelector selects no pods")
+        for rule in spec.get("ingress", []):
+            for peer in rule.get("from", []):
+                if "podSelector" in peer and "namespaceSelector" not in peer and not selected(docs, peer["podSelector"]):
+                    problems.append(f"NetworkPolicy {name}: ingress peer {peer['podSelector']} selects no pods")
+            for port in rule.get("ports", []):
+                for w in targets:
+                    if port["port"] not in container_ports(w):
+                        problems.append(f"NetworkPolicy {name}: port {port['port']} not served by {w['metadata']['name']}")
+        for rule in spec.get("egress", []):
+            for peer in rule.get("to", []):
+                if "podSelector" not in peer or "namespaceSelector" in peer:
+                    continue
+                peers = selected(docs, peer["podSelector"])
+                if not peers:
+                    problems.append(f"NetworkPolicy {name}: egress peer {peer['podSelector']} selects no pods")
+                for port in rule.get("ports", []):
+                    for w in peers:
+                        if port["port"] not in container_ports(w):
+                            problems.append(f"NetworkPolicy {name}: egress port {port['port']} not served by {w['metadata']['name']}")
+    return problems
+
+
+def allowed_ingress_sources(docs: list[dict], target: dict) -> set[str]:
+    """Workload names allowed to open connections to `target`, or {"*"} for anyone."""
+    sources = set()
+    policies = [p for p in by_kind(docs, "NetworkPolicy").values() if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    applying = [p for p in policies if p["spec"]["podSelector"] == {} or selects(p["spec"]["podSelector"], pod_labels(target))]
+    if not applying:
+        return {"*"}
+    for policy in applying:
+        for rule in policy["spec"].get("ingress", []):
+            if not rule.get("from"):
+                return {"*"}
+            for peer in rule["from"]:
+                if "podSelector" not in peer or "namespaceSelector" in peer or "ipBlock" in peer:
+                    sources.add("*")
+                else:
+                    sources |= {w["metadata"]["name"] for w in selected(docs, peer["podSelector"])}
+    return sources
+
+
+def egress_allowed(docs: list[dict], source: dict, target: dict, port: int) -> bool:
+    """Whether the policies let `source` open connections to `target` on `port` (pods of this
+    namespace: a peer with a namespaceSelector or an ipBlock is taken to be elsewhere)."""
+    applying = [
+        p for p in by_kind(docs, "NetworkPolicy").values()
+        if "Egress" in p["spec"].get("policyTypes", [])
+        and (p["spec"]["podSelector"] == {} or selects(p["spec"]["podSelector"], pod_labels(source)))
+    ]
+    if not applying:
+        return True
+    for policy in applying:
+        for rule in policy["spec"].get("egress", []):
+            port_ok = not rule.get("ports") or any(p["port"] == port for p in rule["ports"])
+            peer_ok = not rule.get("to") or any(
+                "podSelector" in peer and "namespaceSelector" not in peer
+                and selects(peer["podSelector"], pod_labels(target))
+                for peer in rule["to"]
+            )
+            if port_ok and peer_ok:
+                return True
+    return False
+
+
+def env_of(docs: list[dict], container: dict, refs: bool = False) -> dict[str, str | dict | None]:
+    """Every variable the container gets (env and envFrom), with its literal value; a value taken
+    from elsewhere (valueFrom, an envFrom Secret) is None, or with `refs` its valueFrom."""
+    config_maps, secrets = by_kind(docs, "ConfigMap"), by_kind(docs, "Secret")
+    env: dict[str, str | dict | None] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(config_maps[source["configMapRef"]["name"]].get("data", {}))
+        if "secretRef" in source:
+            name = source["secretRef"]["name"]
+            env.update({k: {"secretRef": name} if refs else None for k in secrets[name].get("data", {})})
+    for var in container.get("env", []):
+        env[var["name"]] = var["valueFrom"] if refs and "valueFrom" in var else var.get("value")
+    return env
+
+
+def settings_class(service: str):
+    module, cls = SERVICES[service][0].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def settings_env_names(cls) -> set[str]:
+    """The environment variables a pydantic-settings class reads."""
+    prefix = cls.model_config.get("env_prefix", "")
+    names = set()
+    for field_name, field in cls.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, str):
+            names.add(alias.upper())
+        elif alias is not None and hasattr(alias, "choices"):
+            names |= {c.upper() for c in alias.choices if isinstance(c, str)}
+        else:
+            names.add((prefix + field_name).upper())
+    return names
+
+
+def manifest_settings(docs: list[dict], container: dict, service: str, monkeypatch):
+    """The service's settings as the container would load them: only the manifest's variables
+    (a value from a Secret or the downward API reads "placeholder")."""
+    for var in [v for v in os.environ if v.startswith(("RAGTUNE_", "WEAVIATE_"))]:
+        monkeypatch.delenv(var)
+    for var, value in env_of(docs, container).items():
+        monkeypatch.setenv(var, "placeholder" if value is None else value)
+    return settings_class(service)()
+
+
+def env_problems(docs: list[dict]) -> list[str]:
+    """Every variable a ragtune container (init containers included) sets is one its service reads.
+    Third-party containers (Weaviate, PostgreSQL, the collector) are not ragtune settings."""
+    problems = []
+    for w, c, service in ragtune_containers(docs, init=True):
+        read = settings_env_names(settings_class(service))
+        for var in env_of(docs, c):
+            if var.upper() not in read and var not in THIRD_PARTY_ENV:
+                problems.append(f"{w['metadata']['name']}: sets {var}, which {service} does not read")
+    return problems
+
+
+@cache
+def proto_services() -> frozenset[str]:
+    names = set()
+    for proto in (REPO_ROOT / "protos").rglob("*.proto"):
+        text = proto.read_text()
+        package = re.search(r"^package\s+([\w.]+);", text, re.M).group(1)
+        names |= {f"{package}.{s}" for s in re.findall(r"^service\s+(\w+)", text, re.M)}
+    return frozenset(names)
+
+
+def service_port(docs: list[dict], host: str, port: int) -> bool:
+    svc = by_kind(docs, "Service").get(host.split(".")[0])
+    return svc is not None and any(p["port"] == port for p in svc["spec"]["ports"])
