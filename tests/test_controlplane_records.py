@@ -146,9 +146,9 @@ def test_migrations_from_many_processes_at_once_run_once(database_url):
     ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    assert all("schema at revision 0001" in out for out in outputs), outputs
+    assert all("schema at revision 0002" in out for out in outputs), outputs
     database = Database(database_url)
-    assert database.migrate() == "0001"
+    assert database.migrate() == "0002"
     database.dispose()
 
 
@@ -174,3 +174,39 @@ def test_reads_do_not_wait_behind_a_writer(database):
         started = time.monotonic()
         assert len(store.active()) == 1
         assert time.monotonic() - started < 1.0
+
+
+def test_aliases_move_atomically_are_audited_and_roll_back(database):
+    from collections import Counter
+    import random
+
+    from ragtune.controlplane.aliases import AliasStore, Target
+    from ragtune.errors import FailedPrecondition, InvalidArgument
+
+    store = AliasStore(database)
+    with pytest.raises(NotFound):
+        store.get("acme", "style", "prod")
+    first = store.set("acme", "style", "prod", [Target(1, 0)], actor="key-a", reason="first release")
+    assert first.targets == (Target(1, 100),) and first.revision == 1
+    with pytest.raises(FailedPrecondition):
+        store.rollback("acme", "style", "prod", actor="key-a")  # nothing before the first target
+    moved = store.set("acme", "style", "prod", [Target(2, 90), Target(3, 10)], actor="key-b", reason="canary")
+    assert moved.revision == 2
+    rng = random.Random(7)
+    picks = Counter(moved.pick(rng) for _ in range(1000))
+    assert set(picks) == {2, 3} and 40 <= picks[3] <= 160  # about 10% to the canary
+    back = store.rollback("acme", "style", "prod", actor="key-c", reason="canary errors")
+    assert back.targets == (Target(1, 100),) and back.revision == 3
+    history = store.history("acme", "style", "prod")
+    assert [(e.action, e.actor) for e in history] == [("set", "key-a"), ("set", "key-b"), ("rollback", "key-c")]
+    assert history[-1].from_targets == (Target(2, 90), Target(3, 10)) and history[-1].reason == "canary errors"
+    assert store.list("rival") == [] and [a.alias for a in store.list("acme")] == ["prod"]
+    with pytest.raises(NotFound):
+        store.get("rival", "style", "prod")  # another tenant's alias does not exist for it
+    for bad in ([], [Target(1, 50), Target(1, 50)], [Target(0, 100)], [Target(1, 0), Target(2, 100)],
+                [Target(1, 1), Target(2, 1), Target(3, 1)]):
+        with pytest.raises(InvalidArgument):
+            store.set("acme", "style", "prod", bad, actor="x")
+    with pytest.raises(InvalidArgument):
+        store.set("acme", "style", "Prod!", [Target(1, 100)], actor="x")
+    assert store.get("acme", "style", "prod").revision == 3  # refused moves changed nothing

@@ -152,3 +152,32 @@ api_keys = Table(
     Column("revoke_time", Float, nullable=True),
     Index("ix_api_keys_tenant", "tenant"),
 )
+
+adapter_aliases = Table(
+    "adapter_aliases",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("adapter", String(64), primary_key=True),
+    Column("alias", String(64), primary_key=True),
+    # [{"version": 3, "weight": 90}, {"version": 4, "weight": 10}]: one target, or a canary split.
+    Column("targets", JSON, nullable=False),
+    Column("revision", Integer, nullable=False, default=1),
+    Column("update_time", Float, nullable=False),
+)
+
+# The audit trail: who moved which alias when, from what to what, and why.
+adapter_alias_events = Table(
+    "adapter_alias_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant", String(64), nullable=False),
+    Column("adapter", String(64), nullable=False),
+    Column("alias", String(64), nullable=False),
+    Column("time", Float, nullable=False),
+    Column("action", String(16), nullable=False),  # set | promote | rollback | delete
+    Column("actor", String(128), nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("from_targets", JSON, nullable=True),
+    Column("to_targets", JSON, nullable=True),
+    Index("ix_adapter_alias_events_alias", "tenant", "adapter", "alias", "id"),
+)
