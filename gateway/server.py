@@ -12,16 +12,19 @@ import logging
 import grpc
 
 from ragtune.controlplane import Database
+from ragtune.controlplane.aliases import AliasStore
 from ragtune.controlplane.api_keys import ApiKeyStore, load_key_file
 from ragtune.controlplane.evaluations import EvaluationStore
+from ragtune.controlplane.jobs import JobStore
 from ragtune.errors import InvalidArgument
 from ragtune.models import base_model_dir
 from ragtune.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import KeyRefresher, KeyRing, Scope
 from gateway.downstream import CallBudget, Downstream
+from gateway.evaluation.promotion import Promotion
 from gateway.evaluation.service import EvaluationService
 from gateway.evaluation.worker import EvaluationWorker
-from gateway.rag import AskPipeline, TokenCounter
+from gateway.rag import AnswerOptions, AskPipeline, TokenCounter
 from gateway.settings import GatewaySettings
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -45,6 +48,9 @@ _FORWARDS: dict[str, tuple[str, str, Scope, bool]] = {
     "ListAdapters": ("trainer", "ListAdapters", Scope.READ, True),
     "GetAdapter": ("trainer", "GetAdapter", Scope.READ, True),
     "DeleteAdapter": ("trainer", "DeleteAdapter", Scope.TRAIN, False),
+    "SetAdapterAlias": ("trainer", "SetAdapterAlias", Scope.TRAIN, False),
+    "GetAdapterAlias": ("trainer", "GetAdapterAlias", Scope.READ, True),
+    "RollbackAdapterAlias": ("trainer", "RollbackAdapterAlias", Scope.TRAIN, False),
     "LoadAdapter": ("generator", "LoadAdapter", Scope.TRAIN, False),
     "UnloadAdapter": ("generator", "UnloadAdapter", Scope.TRAIN, False),
     "ListLoadedAdapters": ("generator", "ListAdapters", Scope.READ, True),
@@ -243,12 +249,14 @@ class GatewayService:
         )
         pipeline = AskPipeline(
             self.downstream, counter, default_top_k=s.default_top_k, max_top_k=s.max_top_k,
-            default_max_tokens=s.default_max_tokens,
+            default_max_tokens=s.default_max_tokens, options=AnswerOptions.from_settings(s),
         )
         store = EvaluationStore(self.database)
         if s.evaluation_workers:
-            self.worker = EvaluationWorker(store, pipeline, self.downstream, s.artifacts, slots=s.evaluation_workers,
-                                           lease_s=s.evaluation_lease_s, poll_interval_s=s.poll_interval_s)
+            promotion = Promotion(AliasStore(self.database), JobStore(self.database))
+            self.worker = EvaluationWorker(store, pipeline, self.downstream, s.artifacts, promotion,
+                                           slots=s.evaluation_workers, lease_s=s.evaluation_lease_s,
+                                           poll_interval_s=s.poll_interval_s)
             self.worker.start()
         evaluations = EvaluationService(store, self.downstream, s.artifacts, self.worker, s.poll_interval_s)
         self.servicer.attach(ring, api_keys, self.downstream, pipeline, evaluations)

@@ -374,3 +374,24 @@ def test_write_report_writes_markdown_html_and_json(tmp_path):
     assert results["arms"][3]["summary"]["token_f1"]["mean"] == pytest.approx(0.5)  # filled in for the dump
     assert results["arms"][2]["failed"] is True and results["recommendation"]["arm"] == run.recommendation.arm
     assert results["knowledge_update"]["finetune_seconds"] == 180.0
+
+
+def test_a_gate_promotes_only_when_the_lower_bound_clears_the_margin():
+    from gateway.evaluation.gate import decide
+
+    def arm(name, scores, errors=()):
+        return ArmResult(name=name, questions=[
+            QuestionResult(item_id=str(i), question="q", references=["a"], token_f1=s, error="x" if i in errors else "")
+            for i, s in enumerate(scores)])
+
+    better = decide(arm("candidate", [0.9, 0.8, 1.0, 0.9, 0.85, 0.95]), arm("incumbent", [0.1, 0.2, 0.0, 0.1, 0.2, 0.1]),
+                    metric="token_f1", margin=0.02, alias="prod", candidate_version=2, incumbent_version=1)
+    assert better.promoted and better.improvement_ci_low > 0.02 and "promoted" in better.reason
+    assert "version 1" in better.reason
+    tie = decide(arm("candidate", [0.5, 0.4, 0.6, 0.5]), arm("incumbent", [0.5, 0.45, 0.55, 0.5]),
+                 metric="token_f1", margin=0.02, alias="prod", candidate_version=2, incumbent_version=0)
+    assert not tie.promoted and "held back" in tie.reason and "base model" in tie.reason
+    # A candidate that fails questions scores 0 on them: it cannot win by answering less.
+    flaky = decide(arm("candidate", [1.0, 1.0, 1.0, 1.0], errors={1, 2, 3}), arm("incumbent", [0.6] * 4),
+                   metric="token_f1", margin=0.0, alias="prod", candidate_version=3, incumbent_version=2)
+    assert not flaky.promoted and flaky.candidate_mean == 0.25

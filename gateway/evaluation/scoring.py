@@ -31,13 +31,12 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def ask_and_score(pipeline: AskPipeline, tenant: str, item: EvalItem, arm: str,
-                        spec: gateway_pb2.EvaluationSpec, collection: str, adapter: str) -> QuestionResult:
+async def ask_and_score(pipeline: AskPipeline, tenant: str, item: EvalItem, spec: gateway_pb2.EvaluationSpec,
+                        retrieval: bool, collection: str, adapter: str) -> QuestionResult:
     """A question that fails (the generator refuses the adapter, say) is a result with `error` set."""
-    retrieval = arm.startswith("rag")
     q = gateway_pb2.AskQuestion(
         question=item.question, collection=collection if retrieval else "", no_retrieval=not retrieval,
-        adapter=adapter if "finetuned" in arm else "", top_k=spec.top_k,
+        adapter=adapter, top_k=spec.top_k,
     )
     q.sampling.CopyFrom(spec.sampling)
     if not q.sampling.HasField("max_tokens"):

@@ -14,14 +14,30 @@ ARM_NAMES = {
     gateway_pb2.EVALUATION_ARM_RAG: "rag",
     gateway_pb2.EVALUATION_ARM_FINETUNED: "finetuned",
     gateway_pb2.EVALUATION_ARM_RAG_FINETUNED: "rag_finetuned",
+    gateway_pb2.EVALUATION_ARM_CANDIDATE: "candidate",
+    gateway_pb2.EVALUATION_ARM_INCUMBENT: "incumbent",
 }
+GATE_ARMS = ("candidate", "incumbent")
 ARM_ENUMS = {name: value for value, name in ARM_NAMES.items()}
 
 
 def arms_of(spec: gateway_pb2.EvaluationSpec) -> list[str]:
+    if spec.HasField("gate_run"):
+        return list(GATE_ARMS)
     if spec.arms:
         return [ARM_NAMES[a] for a in spec.arms if a in ARM_NAMES]
     return ["base", "rag", "finetuned", "rag_finetuned"] if spec.adapter else ["base", "rag"]
+
+
+def arm_plan(arm: str, spec: gateway_pb2.EvaluationSpec) -> tuple[bool, str, str]:
+    """How an arm asks: (with retrieval, collection, adapter reference)."""
+    if arm in GATE_ARMS:
+        run = spec.gate_run
+        version = run.candidate_version if arm == "candidate" else run.incumbent_version
+        adapter = f"{run.adapter}/{version}" if version else ""
+        return bool(run.gate.collection), run.gate.collection, adapter
+    retrieval = arm.startswith("rag")
+    return retrieval, spec.collection if retrieval else "", spec.adapter if "finetuned" in arm else ""
 
 
 def constraints_of(spec: gateway_pb2.EvaluationSpec) -> Constraints:
@@ -42,7 +58,11 @@ def validate_spec(spec: gateway_pb2.EvaluationSpec) -> tuple[list[EvalItem], lis
         problems.extend(FieldViolation("spec." + v.field, v.description) for v in exc.violations)
         items = []
     arms = arms_of(spec)
-    if any(a not in ARM_NAMES for a in spec.arms):
+    if spec.HasField("gate_run"):
+        if problems:
+            raise InvalidArgument.of(problems)
+        return items, arms
+    if any(a not in ARM_NAMES or ARM_NAMES[a] in GATE_ARMS for a in spec.arms):
         problems.append(FieldViolation("spec.arms", "contains an unknown arm"))
     if any(a.startswith("rag") for a in arms) and not spec.collection:
         problems.append(FieldViolation("spec.collection", "is required for the retrieval arms"))

@@ -20,12 +20,13 @@ from ragtune.controlplane.database import DatabaseUnavailable
 from ragtune.controlplane.evaluations import EvaluationRecord, EvaluationStore, LeaseLost
 from ragtune.v1 import gateway_pb2
 from gateway.downstream import Downstream
-from gateway.evaluation import convert, knowledge_update
+from gateway.evaluation import convert, gate, knowledge_update
+from gateway.evaluation.promotion import Promotion
 from gateway.evaluation.recommend import recommend
 from gateway.evaluation.report import write_report
 from gateway.evaluation.results import ArmResult, EvalItem, EvalRun
 from gateway.evaluation.scoring import ask_and_score, describe
-from gateway.evaluation.spec import constraints_of, validate_spec
+from gateway.evaluation.spec import arm_plan, constraints_of, validate_spec
 from gateway.evaluation.summary import summarize_arm
 from gateway.rag import AskPipeline
 
@@ -36,8 +37,10 @@ CANCEL, SHUTDOWN, LEASE_LOST = "cancel", "shutdown", "lease lost"
 
 class EvaluationWorker:
     def __init__(self, store: EvaluationStore, pipeline: AskPipeline, downstream: Downstream, artifact_root: Path,
-                 *, slots: int, lease_s: float, poll_interval_s: float, worker_id: str | None = None):
+                 promotion: Promotion, *, slots: int, lease_s: float, poll_interval_s: float,
+                 worker_id: str | None = None):
         self.store, self.pipeline, self.down, self.artifacts = store, pipeline, downstream, artifact_root
+        self.promotion = promotion
         self.slots, self.lease_s, self.poll_s = slots, lease_s, poll_interval_s
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self._wake = asyncio.Event()
@@ -132,7 +135,12 @@ class EvaluationWorker:
                 await self._run_arm(record, spec, run, arm, items, saved, snapshot)
             if spec.HasField("knowledge_update"):
                 run.knowledge_update = await self._knowledge_update(record, spec, snapshot, run)
-            run.recommendation = recommend(run.arms, run.knowledge_update, run.constraints)
+            if spec.HasField("gate_run"):
+                verdict = self._verdict(record, spec, run)
+                snapshot.recommended_arm = "candidate" if verdict.promoted else "incumbent"
+                snapshot.reasons[:] = [verdict.reason]
+            else:
+                run.recommendation = recommend(run.arms, run.knowledge_update, run.constraints)
         except asyncio.CancelledError:
             if CANCEL not in reason:
                 await self._hand_back(record.id, reason)
@@ -151,8 +159,20 @@ class EvaluationWorker:
                 arm.summary = summarize_arm(arm.questions)
         convert.fill_snapshot(snapshot, run)
         await asyncio.to_thread(write_report, run, folder)
+        if spec.HasField("gate_run"):
+            verdict = self._verdict(record, spec, run) if final == states.SUCCEEDED else \
+                gate.failed(spec.gate_run, error or final, record.id)
+            await asyncio.to_thread(self.promotion.apply, record.tenant, spec.gate_run, verdict)
         await asyncio.to_thread(self.store.finish, record.id, final, convert.snapshot_dict(snapshot), error,
                                 self.worker_id)
+
+    @staticmethod
+    def _verdict(record, spec, run: EvalRun) -> gate.Verdict:
+        arms = {a.name: a for a in run.arms}
+        g = spec.gate_run
+        return gate.decide(arms["candidate"], arms["incumbent"], metric=gate.metric_name(g.gate.metric),
+                           margin=g.gate.margin, alias=g.gate.alias, candidate_version=g.candidate_version,
+                           incumbent_version=g.incumbent_version, evaluation_id=record.id)
 
     async def _hand_back(self, evaluation_id: str, reason: list[str]) -> None:
         if SHUTDOWN in reason:
@@ -168,8 +188,7 @@ class EvaluationWorker:
             if kept is not None:
                 arm.questions.append(convert.result_of(kept))
                 continue
-            result = await ask_and_score(self.pipeline, record.tenant, item, arm.name, spec, spec.collection,
-                                         spec.adapter)
+            result = await ask_and_score(self.pipeline, record.tenant, item, spec, *arm_plan(arm.name, spec))
             arm.questions.append(result)
             arm.summary = summarize_arm(arm.questions)
             snapshot.answers_done = sum(len(a.questions) for a in run.arms)
@@ -189,7 +208,7 @@ class EvaluationWorker:
         async def answer_arm(items, arm_name, collection, adapter) -> ArmResult:
             arm = ArmResult(name=arm_name)
             for item in items:
-                arm.questions.append(await ask_and_score(self.pipeline, record.tenant, item, arm_name, spec,
+                arm.questions.append(await ask_and_score(self.pipeline, record.tenant, item, spec, bool(collection),
                                                          collection, adapter))
             return arm
 

@@ -19,8 +19,10 @@ from ragtune.errors import NotFound
 
 QUEUED, VALIDATING, RUNNING = "QUEUED", "VALIDATING", "RUNNING"
 SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
+# Trained and published, waiting on its promotion gate's evaluation (run by a gateway, not a trainer).
+EVALUATING = "EVALUATING"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
-UNFINISHED_STATES = (QUEUED, VALIDATING, RUNNING)
+UNFINISHED_STATES = (QUEUED, VALIDATING, RUNNING)  # what trainer workers claim
 
 
 @dataclass(frozen=True)
