@@ -179,6 +179,13 @@ def _cmd_finetune(args) -> int:
     client = _client(args)
     if args.action == "create":
         spec = _job_spec(args)
+        if args.gate:
+            if not args.promote:
+                print("error: --gate needs --promote ALIAS (the alias to challenge)", file=sys.stderr)
+                return 2
+            spec.gate.CopyFrom(trainer_pb2.PromotionGate(
+                eval_set=Path(args.gate).read_bytes(), collection=args.gate_collection, alias=args.promote,
+                margin=args.margin, metric=trainer_pb2.GateMetric.Value(f"GATE_METRIC_{args.gate_metric.upper()}")))
         uploaded = upload_dataset(client, Path(args.dataset), spec.dataset)
         print(f"uploaded {uploaded.name}: {uploaded.lines} lines, sha256 {uploaded.sha256[:12]}")
         job = client.call("CreateJob", gateway_pb2.GatewayServiceCreateJobRequest(
@@ -187,6 +194,8 @@ def _cmd_finetune(args) -> int:
         if args.watch:
             job = watch_job(client, job.id)
             _print_job(job)
+            if job.gate_verdict.evaluation_id:
+                _write_gate_report(client, job.gate_verdict.evaluation_id, Path(args.gate_report))
         return 0
     if args.action == "watch":
         _print_job(watch_job(client, args.job_id))
@@ -204,6 +213,15 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+def _write_gate_report(client, evaluation_id: str, folder: Path) -> None:
+    reply = client.call("GetEvaluation", gateway_pb2.GetEvaluationRequest(id=evaluation_id, include_report=True))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("report.md", reply.report_markdown), ("report.html", reply.report_html),
+                       ("results.json", reply.results_json)):
+        (folder / name).write_text(text, encoding="utf-8")
+    print(f"  the gate's report: {folder / 'report.html'}")
+
+
 def _print_job(job: trainer_pb2.Job) -> None:
     line = f"job {job.id}: {trainer_pb2.JobState.Name(job.state)}"
     if job.adapter_path:
@@ -211,6 +229,10 @@ def _print_job(job: trainer_pb2.Job) -> None:
     if job.error:
         line += f" ({job.error})"
     print(line)
+    if job.HasField("gate_verdict"):
+        v = job.gate_verdict
+        print(f"gate {'PROMOTED' if v.promoted else 'HELD BACK'}: {v.reason}")
+        print(f"  evaluation {v.evaluation_id}")
     for problem in job.dataset_problems:
         print(f"  line {problem.line}: {problem.field} {problem.message}")
 
@@ -229,10 +251,49 @@ def _cmd_adapters(args) -> int:
         a = client.call("LoadAdapter", gateway_pb2.GatewayServiceLoadAdapterRequest(
             request=generator_pb2.LoadAdapterRequest(name=args.name))).response.adapter
         print(f"loaded {a.name} (rank {a.rank})")
+    elif args.action == "alias":
+        return _alias(client, args)
     else:
         client.call("UnloadAdapter", gateway_pb2.GatewayServiceUnloadAdapterRequest(
             request=generator_pb2.UnloadAdapterRequest(name=args.name)))
         print(f"unloaded {args.name}")
+    return 0
+
+
+def _targets(alias: trainer_pb2.AdapterAlias | None, targets=None) -> str:
+    targets = alias.targets if alias is not None else targets
+    if len(targets) == 1:
+        return f"version {targets[0].version}"
+    return " / ".join(f"version {t.version} ({t.weight}%)" for t in targets)
+
+
+def _alias(client, args) -> int:
+    adapter, _, alias = args.ref.partition("@")
+    if not alias:
+        print("error: name the alias as <adapter>@<alias>, e.g. my-style@prod", file=sys.stderr)
+        return 2
+    if args.alias_action == "set":
+        targets = []
+        for part in args.targets:
+            version, _, weight = part.partition(":")
+            targets.append(trainer_pb2.AliasTarget(version=int(version), weight=int(weight or 100)))
+        moved = client.call("SetAdapterAlias", gateway_pb2.GatewayServiceSetAdapterAliasRequest(
+            request=trainer_pb2.SetAdapterAliasRequest(adapter=adapter, alias=alias, targets=targets,
+                                                       reason=args.reason))).response.alias
+        print(f"{adapter}@{alias} -> {_targets(moved)} (revision {moved.revision})")
+    elif args.alias_action == "rollback":
+        moved = client.call("RollbackAdapterAlias", gateway_pb2.GatewayServiceRollbackAdapterAliasRequest(
+            request=trainer_pb2.RollbackAdapterAliasRequest(adapter=adapter, alias=alias,
+                                                            reason=args.reason))).response.alias
+        print(f"{adapter}@{alias} rolled back -> {_targets(moved)} (revision {moved.revision})")
+    else:
+        reply = client.call("GetAdapterAlias", gateway_pb2.GatewayServiceGetAdapterAliasRequest(
+            request=trainer_pb2.GetAdapterAliasRequest(adapter=adapter, alias=alias))).response
+        print(f"{adapter}@{alias} -> {_targets(reply.alias)} (revision {reply.alias.revision})")
+        for e in reply.history:
+            when = e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+            before = _targets(None, e.from_targets) if e.from_targets else "nothing"
+            print(f"  {when}  {e.action:<8} {e.actor:<24} {before} -> {_targets(None, e.to_targets)}  {e.reason}")
     return 0
 
 
@@ -348,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--learning-rate", type=float, default=0.0)
     c.add_argument("--rank", type=int, default=0)
     c.add_argument("--watch", action="store_true", help="follow progress until the job ends")
+    c.add_argument("--gate", default="", help="eval set (JSONL): evaluate the new version before promoting it")
+    c.add_argument("--promote", default="", help="with --gate: the alias to move when the new version wins")
+    c.add_argument("--margin", type=float, default=0.0, help="with --gate: required improvement (lower 95%% bound)")
+    c.add_argument("--gate-metric", default="token_f1", choices=["token_f1", "exact_match", "rouge_l",
+                                                                  "citation_precision"])
+    c.add_argument("--gate-collection", default="", help="with --gate: evaluate with retrieval from this collection")
+    c.add_argument("--gate-report", default="gate-report", help="with --gate --watch: folder for the gate's report")
     for action in ("watch", "cancel"):
         fs.add_parser(action).add_argument("job_id")
     fs.add_parser("list")
@@ -358,6 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
     as_.add_parser("list")
     for action in ("load", "unload"):
         as_.add_parser(action).add_argument("name", help="<name> or <name>/<version>")
+    alias = as_.add_parser("alias", help="aliases (prod, canary, ...): set, show, rollback")
+    aa = alias.add_subparsers(dest="alias_action", required=True)
+    aset = aa.add_parser("set", help="point an alias at a version, or split it: 3:90 4:10")
+    aset.add_argument("ref", help="<adapter>@<alias>")
+    aset.add_argument("targets", nargs="+", help="VERSION or VERSION:WEIGHT (two for a canary)")
+    aset.add_argument("--reason", default="")
+    aa.add_parser("show", help="the alias and its audit trail").add_argument("ref", help="<adapter>@<alias>")
+    aroll = aa.add_parser("rollback", help="back to the previous target")
+    aroll.add_argument("ref", help="<adapter>@<alias>")
+    aroll.add_argument("--reason", default="")
     p.set_defaults(func=_cmd_adapters)
 
     p = sub.add_parser("eval", help="compare base, RAG, fine-tuned and RAG + fine-tuned on an eval set")
