@@ -22,6 +22,21 @@ from ragtune.v1 import generator_pb2_grpc, retriever_pb2_grpc, trainer_pb2_grpc
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
+# How the gateway's channels find and spread over the replicas of a downstream service. With a
+# `dns:///name:port` address of a headless Kubernetes Service every ready pod resolves:
+# round_robin sends calls to all of them. gRPC resolves the name again when a connection closes;
+# the servers close each connection after RAGTUNE_GRPC_MAX_CONNECTION_AGE_S (GOAWAY), and the
+# resolver waits at least DNS_MIN_RESOLUTION_INTERVAL_MS between two resolutions (gRPC's default
+# is 30 s), so a replica added by the autoscaler gets calls within about
+# 1.1 x max_connection_age + this interval + the DNS TTL (k8s/README.md).
+DNS_MIN_RESOLUTION_INTERVAL_MS = 10_000
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RESOLUTION_INTERVAL_MS),
+)
+
 
 @dataclass
 class CallBudget:
@@ -50,12 +65,8 @@ class Downstream:
     def __init__(self, retriever: str, generator: str, trainer: str, *, internal_token: str | None,
                  retry_attempts: int, retry_backoff_s: float):
         interceptors = client_interceptors()
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                   # Behind a headless Kubernetes Service every replica resolves: spread calls over them.
-                   ("grpc.lb_policy_name", "round_robin")]
         self._channels = {
-            name: grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+            name: grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
             for name, address in (("retriever", retriever), ("generator", generator), ("trainer", trainer))
         }
         self.retriever = retriever_pb2_grpc.RetrieverServiceStub(self._channels["retriever"])

@@ -1,5 +1,11 @@
 """`ragtune up`: runs the four services locally as child processes, waits until each is SERVING,
-optionally runs the demo, and stops them in order (gateway first) on Ctrl-C or SIGTERM.
+optionally runs the demo, supervises them, and stops them in order (gateway first) on Ctrl-C or
+SIGTERM.
+
+Supervision: a service that exits on its own is started again after a backoff (1 s, doubling up
+to 30 s; back to 1 s once it has served for a minute), while the others keep serving. A service
+that crashes RESTART_LIMIT times in a row without reaching SERVING (a port in use, a broken
+install) stops the suite, saying why.
 
 First run creates a local API key (tenant "demo", every scope): its hash goes in
 <RAGTUNE_HOME>/gateway/api-keys.json and the key itself in <RAGTUNE_HOME>/dev-api-key (mode 600),
@@ -73,11 +79,31 @@ def _status(address: str, name: str) -> int | None:
             return None
 
 
+RESTART_INITIAL_BACKOFF_S = 1.0
+RESTART_MAX_BACKOFF_S = 30.0
+RESTART_STABLE_AFTER_S = 60.0  # serving this long resets the backoff
+RESTART_LIMIT = 5  # crashes in a row without reaching SERVING before the suite gives up
+
+
+@dataclass
+class _Watch:
+    """What the supervisor knows of one service: its crashes in a row and when it may start again."""
+
+    failures: int = 0
+    restart_at: float | None = None
+    started_at: float = 0.0
+    serving: bool = False
+
+
 class LocalSuite:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, services: tuple[LocalService, ...] | list[LocalService] = SERVICES):
         self.home = home
+        self.services = tuple(services)
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = home / "logs"
+        self.restarts: dict[str, int] = {s.name: 0 for s in self.services}
+        self._env: dict[str, str] = {}
+        self._watch: dict[str, _Watch] = {}
 
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -89,20 +115,65 @@ class LocalSuite:
         env.setdefault("RAGTUNE_GATEWAY_RETRIEVER_ADDRESS", f"127.0.0.1:{_port(SERVICES[0])}")
         env.setdefault("RAGTUNE_GATEWAY_GENERATOR_ADDRESS", f"127.0.0.1:{_port(SERVICES[1])}")
         env.setdefault("RAGTUNE_GATEWAY_TRAINER_ADDRESS", f"127.0.0.1:{_port(SERVICES[2])}")
-        for s in SERVICES:
+        self._env = env
+        for s in self.services:
             address = f"127.0.0.1:{_port(s)}"
             if _status(address, "") is not None:
                 raise RuntimeError(f"something already answers on {address}; stop it or set {s.prefix}PORT")
-            log = open(self.logs / f"{s.name}.log", "ab")
+            self._spawn(s)
+            print(f"started {s.name:<9} on 127.0.0.1:{_port(s)} (log {self.logs / (s.name + '.log')})")
+
+    def _spawn(self, s: LocalService) -> None:
+        with open(self.logs / f"{s.name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
             self.procs[s.name] = subprocess.Popen(
-                [sys.executable, "-m", s.module], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", s.module], cwd=REPO_ROOT, env=self._env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches only the launcher, which stops them in order
             )
-            print(f"started {s.name:<9} on 127.0.0.1:{_port(s)} (log {self.logs / (s.name + '.log')})")
+        watch = self._watch.setdefault(s.name, _Watch())
+        watch.started_at, watch.serving, watch.restart_at = time.monotonic(), False, None
+
+    def supervise_once(self) -> None:
+        """One round of supervision: notes services that came up, schedules a restart with backoff for
+        each one that exited, and starts those whose backoff has passed. Raises RuntimeError when a
+        service keeps crashing before it serves."""
+        now = time.monotonic()
+        for s in self.services:
+            proc, watch = self.procs[s.name], self._watch.setdefault(s.name, _Watch())
+            if watch.restart_at is not None:
+                if now >= watch.restart_at:
+                    self._spawn(s)
+                    self.restarts[s.name] += 1
+                    print(f"restarted {s.name} (restart {self.restarts[s.name]})")
+                continue
+            code = proc.poll()
+            if code is None:
+                if not watch.serving and _status(f"127.0.0.1:{_port(s)}", s.health_name) == health_pb2.HealthCheckResponse.SERVING:
+                    watch.serving = True
+                if watch.serving and now - watch.started_at >= RESTART_STABLE_AFTER_S:
+                    watch.failures = 0
+                continue
+            watch.failures = 1 if watch.serving and now - watch.started_at >= RESTART_STABLE_AFTER_S else watch.failures + 1
+            if not watch.serving and watch.failures >= RESTART_LIMIT:
+                raise RuntimeError(
+                    f"{s.name} exited with {code} {watch.failures} times in a row before serving; giving up"
+                    f" (see {self.logs / (s.name + '.log')})"
+                )
+            delay = min(RESTART_INITIAL_BACKOFF_S * 2 ** (watch.failures - 1), RESTART_MAX_BACKOFF_S)
+            watch.restart_at = now + delay
+            print(f"{s.name} exited with {code}; restarting in {delay:.1f} s (see {self.logs / (s.name + '.log')})")
+
+    def supervise(self, stop=None, interval_s: float = 0.5) -> None:
+        """Supervises until `stop` (a threading.Event) is set; raises when a service cannot be kept up."""
+        while stop is None or not stop.is_set():
+            self.supervise_once()
+            if stop is None:
+                time.sleep(interval_s)
+            else:
+                stop.wait(interval_s)
 
     def wait_serving(self, timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
-        pending = {s.name: s for s in SERVICES}
+        pending = {s.name: s for s in self.services}
         started = time.monotonic()
         while pending:
             for name, s in list(pending.items()):
@@ -117,7 +188,7 @@ class LocalSuite:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        for s in reversed(SERVICES):  # gateway first, so no new work reaches the others
+        for s in reversed(self.services):  # gateway first, so no new work reaches the others
             proc = self.procs.get(s.name)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -165,12 +236,13 @@ def run_up(demo: bool = False, exit_after: bool = False) -> int:
             run_demo(f"127.0.0.1:{_port(SERVICES[-1])}", dev_key_path().read_text().strip())
         if exit_after:
             return 0
-        print("Serving; press Ctrl-C to stop.")
-        while all(p.poll() is None for p in suite.procs.values()):
-            time.sleep(1)
-        dead = [n for n, p in suite.procs.items() if p.poll() is not None]
-        print(f"stopping: {', '.join(dead)} exited")
-        return 1
+        print("Serving; press Ctrl-C to stop. A service that exits is restarted.")
+        try:
+            suite.supervise()
+        except RuntimeError as exc:
+            print(f"stopping: {exc}")
+            return 1
+        return 0
     except KeyboardInterrupt:
         return 0
     finally:

@@ -3,20 +3,43 @@
 `ServiceHost` binds a grpc.aio server with health and reflection, maps errors through
 `ErrorMappingInterceptor`, warms the service up before reporting SERVING, and shuts down in
 order on SIGTERM: health NOT_SERVING -> server.stop(grace) -> service.stop() -> telemetry flush.
+
+Health has two meanings, and the Kubernetes probes use them apart:
+
+- readiness = the health of the named service (e.g. `ragtune.v1.GeneratorService`): SERVING only
+  while the service can answer its RPCs now. NOT_SERVING while it warms up, drains on SIGTERM,
+  or reports itself not ready (a generator whose engine died), so no new request is routed here;
+  while not ready its RPCs answer UNAVAILABLE at once with the reason.
+- liveness = the health of the whole server (""): NOT_SERVING only when the service reports that
+  it cannot recover without a restart (and while draining), so the kubelet restarts the container.
+
+A service that can tell (it has an async `health()` returning `ServiceHealth`) is asked every
+`RAGTUNE_GRPC_HEALTH_CHECK_INTERVAL_S`; one without it is ready from warm-up to shutdown.
+
+The server refuses a port that is already in use (`grpc.so_reuseport` 0: gRPC's default would
+let a second instance share the port and report ready), and closes every connection after
+`RAGTUNE_GRPC_MAX_CONNECTION_AGE_S` (GOAWAY; calls in flight get the grace period), so clients
+reconnect and re-resolve DNS: replicas added behind a headless Service get traffic within
+about that bound (k8s/README.md, "How traffic reaches new replicas").
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import logging
 import signal
+import socket
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import metrics
@@ -32,8 +55,45 @@ log = logging.getLogger(__name__)
 _EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+class HostSettings(BaseSettings):
+    """How the gRPC server itself behaves, the same for every service (environment RAGTUNE_GRPC_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="RAGTUNE_GRPC_", extra="ignore", frozen=True)
+
+    max_connection_age_s: float = Field(
+        30.0,
+        gt=0,
+        description="Close every client connection after this long (GOAWAY, with gRPC's +-10% jitter), so"
+        " clients reconnect and re-resolve DNS and replicas added behind a headless Service get traffic.",
+    )
+    max_connection_age_grace_s: float | None = Field(
+        None,
+        gt=0,
+        description="How long calls in flight on a closing connection may still run; unset = until they"
+        " end (watch streams last as long as a training job). New calls always go to a new connection.",
+    )
+    health_check_interval_s: float = Field(
+        1.0, gt=0, description="How often the host asks a service that can tell whether it is still healthy."
+    )
+
+
+@dataclass(frozen=True)
+class ServiceHealth:
+    """What a service reports about itself: `ready` to take new RPCs (readiness), `live` unless it cannot
+    recover without a restart (liveness), and why not, for logs and for the UNAVAILABLE it answers."""
+
+    ready: bool
+    live: bool = True
+    reason: str = ""
+
+
+class PortInUse(RuntimeError):
+    """The address to bind is taken: another instance (or something else) listens there."""
+
+
 class Service(Protocol):
-    """What a service gives the host: its servicers, and how to warm up and release resources."""
+    """What a service gives the host: its servicers, and how to warm up and release resources.
+    It may also define `async def health(self) -> ServiceHealth`, which the host polls once SERVING."""
 
     service_names: Sequence[str]  # full names, e.g. "ragtune.v1.RetrieverService"
 
@@ -162,7 +222,13 @@ class ReadinessInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, name: str, retry_after_s: float = 1.0):
         self.ready = False
+        self._retry_after_s = retry_after_s
         self._status = Unavailable(f"the {name} is still starting; retry shortly", retry_after_s=retry_after_s).to_status()
+
+    def refuse(self, reason: str) -> None:
+        """Stops letting RPCs through, answering UNAVAILABLE with `reason` (the service reported itself unhealthy)."""
+        self._status = Unavailable(reason, retry_after_s=self._retry_after_s).to_status()
+        self.ready = False
 
     async def intercept_service(self, continuation, handler_call_details):
         if self.ready or handler_call_details.method.startswith(_EXEMPT_PREFIXES):
@@ -182,13 +248,54 @@ class ReadinessInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_handler(handler, lambda _: refuse, lambda _: refuse_stream)
 
 
-class ServiceHost:
-    """Runs one Service on a grpc.aio server. Tests use start()/stop() in-process on port 0."""
+def server_options(host_settings: HostSettings, *, reuse_port: bool = False) -> list[tuple[str, Any]]:
+    """The grpc.aio server options every ragtune server runs with."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        # gRPC binds with SO_REUSEPORT by default: a second instance on a busy port would share it
+        # (the kernel splitting connections between the two) and report SERVING.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_connection_age_ms", int(host_settings.max_connection_age_s * 1000)),
+    ]
+    if host_settings.max_connection_age_grace_s is not None:
+        options.append(("grpc.max_connection_age_grace_ms", int(host_settings.max_connection_age_grace_s * 1000)))
+    return options
 
-    def __init__(self, service: Service, settings: ServiceSettings, *, name: str, extra_interceptors: Sequence[Any] = ()):
+
+def _port_env(settings: ServiceSettings) -> str:
+    return f"{settings.model_config.get('env_prefix', 'RAGTUNE_')}PORT"
+
+
+def _bind_error(settings: ServiceSettings, name: str) -> PortInUse | RuntimeError:
+    """Why binding failed, in words an operator can act on (gRPC only says it failed)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, settings.port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return PortInUse(
+                f"cannot serve the {name} on {settings.address}: the address is already in use (another {name}"
+                f" running?); stop it or choose another port with {_port_env(settings)}"
+            )
+        return RuntimeError(f"cannot serve the {name} on {settings.address}: {exc.strerror}")
+    return RuntimeError(f"cannot serve the {name} on {settings.address}: gRPC could not bind it")
+
+
+class ServiceHost:
+    """Runs one Service on a grpc.aio server. Tests use start()/stop() in-process on port 0.
+
+    `host_settings` defaults to HostSettings() (the environment); `reuse_port` lets several servers
+    share one address (only tests that model a load-balanced address use it)."""
+
+    def __init__(self, service: Service, settings: ServiceSettings, *, name: str, extra_interceptors: Sequence[Any] = (),
+                 host_settings: HostSettings | None = None, reuse_port: bool = False):
         self.service = service
         self.settings = settings
         self.name = name
+        self.host_settings = host_settings or HostSettings()
         self.health = health.aio.HealthServicer()
         interceptors: list[Any] = [*server_interceptors(), *extra_interceptors]
         if settings.internal_token is not None:
@@ -197,18 +304,50 @@ class ServiceHost:
         interceptors.append(self.readiness)
         interceptors.append(ErrorMappingInterceptor(name))
         self.server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ],
+            interceptors=interceptors, options=server_options(self.host_settings, reuse_port=reuse_port)
         )
         self.port: int | None = None
+        self.reported = ServiceHealth(ready=False, reason=f"the {name} is still starting")
+        self._watcher: asyncio.Task | None = None
+        self._stopping = False
         self._stopped = asyncio.Event()
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *self.service.service_names):
             await self.health.set(name, status)
+
+    async def _apply(self, report: ServiceHealth) -> None:
+        """Publishes what the service reported: readiness on the named services, liveness on ""."""
+        if self._stopping or report == self.reported:
+            return
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        for service_name in self.service.service_names:
+            await self.health.set(service_name, serving if report.ready else not_serving)
+        await self.health.set("", serving if report.live else not_serving)
+        if report.ready:
+            self.readiness.ready = True
+            log.info("%s is healthy again", self.name)
+        else:
+            self.readiness.refuse(report.reason or f"the {self.name} is not ready")
+            log.warning("%s reports itself %s: %s", self.name, "not ready" if report.live else "unrecoverable", report.reason)
+        self.reported = report
+
+    async def check_health(self) -> ServiceHealth:
+        """Asks the service now (instead of waiting for the next poll) and publishes the answer."""
+        probe = getattr(self.service, "health", None)
+        if probe is None:
+            return self.reported
+        try:
+            report = await probe()
+        except Exception as exc:  # noqa: BLE001 - a failing health check is itself the answer
+            report = ServiceHealth(ready=False, live=True, reason=f"the {self.name}'s health check failed: {exc!r}")
+        await self._apply(report)
+        return report
+
+    async def _watch_health(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.host_settings.health_check_interval_s)
+            await self.check_health()
 
     async def start(self) -> int:
         """Binds and starts serving health (NOT_SERVING), then warms up and reports SERVING."""
@@ -219,21 +358,31 @@ class ServiceHost:
              reflection.SERVICE_NAME),
             self.server,
         )
-        self.port = self.server.add_insecure_port(self.settings.address)
+        try:
+            self.port = self.server.add_insecure_port(self.settings.address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not bind {self.settings.address}")
+            raise _bind_error(self.settings, self.name)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening on %s:%d, warming up", self.settings.host, self.port)
         started = time.perf_counter()
         await self.service.start()
         self.readiness.ready = True
+        self.reported = ServiceHealth(ready=True)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving after %.1f s warm-up", time.perf_counter() - started)
+        if getattr(self.service, "health", None) is not None:
+            self._watcher = asyncio.create_task(self._watch_health(), name=f"{self.name}-health")
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuses new calls, lets in-flight calls finish within the grace period, then releases the service."""
+        self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_period_s if grace is None else grace)
         await self.service.stop()
@@ -251,7 +400,12 @@ async def _serve(service_factory, settings: ServiceSettings, name: str) -> None:
     waiter = asyncio.create_task(stop_requested.wait())
     done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if start in done:
-        start.result()  # raise a failed warm-up
+        try:
+            start.result()  # raise a failed warm-up
+        except PortInUse as exc:
+            # No stack trace: the message says what to do. A non-zero exit lets a supervisor see it.
+            log.error("%s", exc)
+            raise SystemExit(2) from None
         log.info("ready", extra={"fields": {"port": host.port}})
         await waiter
     else:

@@ -54,7 +54,9 @@ class InProcessServer:
     """Runs a ragtune Service under ServiceHost on port 0 in a background event loop, so plain
     synchronous tests can call it over a real socket. Use as a context manager or call stop()."""
 
-    def __init__(self, service_factory, settings, name: str, extra_interceptors=()):
+    def __init__(self, service_factory, settings, name: str, extra_interceptors=(), host_settings=None,
+                 reuse_port: bool = False):
+        """`host_settings` (ragtune.server.HostSettings) and `reuse_port` go to the ServiceHost."""
         import asyncio
         import threading
 
@@ -65,7 +67,8 @@ class InProcessServer:
         self._thread.start()
 
         async def build_and_start():
-            host = ServiceHost(service_factory(settings), settings, name=name, extra_interceptors=extra_interceptors)
+            host = ServiceHost(service_factory(settings), settings, name=name, extra_interceptors=extra_interceptors,
+                               host_settings=host_settings, reuse_port=reuse_port)
             port = await host.start()
             return host, port
 

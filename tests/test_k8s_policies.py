@@ -35,7 +35,9 @@ def test_only_the_gateway_reaches_the_internal_services(overlay):
     for internal in ("retriever", "generator", "trainer"):
         assert allowed_ingress_sources(docs, deployments[internal]) == {"gateway"}, internal
     assert allowed_ingress_sources(docs, sets["weaviate"]) == {"retriever", "weaviate"}
-    assert allowed_ingress_sources(docs, deployments["otel-collector"]) == {"gateway", "retriever", "generator", "trainer"}
+    # The services export to it; Prometheus, in its own namespace, scrapes its metrics port.
+    assert allowed_ingress_sources(docs, deployments["otel-collector"]) == {
+        "gateway", "retriever", "generator", "trainer", "namespace/monitoring"}
     assert allowed_ingress_sources(docs, deployments["gateway"]) == {"*"}
 
 
@@ -83,7 +85,7 @@ def test_gpus_only_in_the_gpu_overlay(overlay):
                 assert limits.get("nvidia.com/gpu") == requests.get("nvidia.com/gpu") == 1, w["metadata"]["name"]
                 gpu_users[w["metadata"]["name"]] = image_name(c["image"])
     if overlay == "gpu":
-        assert gpu_users == {"generator": "ragtune/generator-gpu", "trainer": "ragtune/trainer-gpu"}
+        assert gpu_users == {"generator": "ghcr.io/ragtune/generator-gpu", "trainer": "ghcr.io/ragtune/trainer-gpu"}
     else:
         assert gpu_users == {}
         assert not any(image_name(c["image"]).endswith("-gpu") for _, c, _ in ragtune_containers(docs))

@@ -9,10 +9,12 @@ import grpc
 
 from ragtune.errors import Unavailable
 from ragtune.registry import AdapterRegistry
+from ragtune.server import ServiceHealth
 from ragtune.tenancy import tenant_of
 from ragtune.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.generator.adapters import AdapterCatalog, CatalogEntry
-from services.generator.engine import VllmEngine
+from services.generator import metrics as generator_metrics
+from services.generator.engine import ENGINE_DEAD, VllmEngine
 from services.generator.generation import GenerationStream, Generator
 from services.generator.prompts import PromptRenderer
 from services.generator.settings import GeneratorSettings
@@ -103,7 +105,13 @@ class GeneratorService:
     """Hosts the generator: starts the vLLM engine and loads the tokenizer on start, shuts the engine down on stop.
 
     `generator` (the core) and `engine` are None until start() returns; tests inspect `engine`
-    (e.g. `engine.unfinished_requests()`) through InProcessServer.call."""
+    (e.g. `engine.unfinished_requests()`) through InProcessServer.call.
+
+    Health follows the engine (`health()`, polled by the ServiceHost): an engine that errored or
+    stopped (its engine core process died: vLLM cannot restart it in this process) or that holds
+    requests without producing output for `engine_stall_timeout_s` makes the service not ready and
+    not live, so the gateway stops routing here, new requests get UNAVAILABLE at once, and the
+    kubelet restarts the container. The load gauges (metrics.py) are registered on construction."""
 
     service_names = (SERVICE_NAME,)
 
@@ -111,6 +119,23 @@ class GeneratorService:
         self.settings = settings
         self.engine = None
         self.generator: Generator | None = None
+        self.gauges = generator_metrics.register(self)
+
+    async def health(self) -> ServiceHealth:
+        engine = self.engine
+        if engine is None:
+            return ServiceHealth(ready=False, reason="the generator has no engine (starting or stopped)")
+        if engine.errored:
+            return ServiceHealth(ready=False, live=False, reason=ENGINE_DEAD)
+        stalled = engine.seconds_since_progress()
+        if stalled > self.settings.engine_stall_timeout_s:
+            return ServiceHealth(
+                ready=False,
+                live=False,
+                reason=f"the generation engine holds {engine.unfinished_requests()} requests but produced nothing for"
+                f" {stalled:.0f} s (limit {self.settings.engine_stall_timeout_s:g} s): taken as hung",
+            )
+        return ServiceHealth(ready=True)
 
     def register(self, server: grpc.aio.Server) -> None:
         generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(self), server)

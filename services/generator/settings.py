@@ -53,6 +53,12 @@ class GeneratorSettings(ServiceSettings):
         256, ge=1, description="max_tokens when a request leaves it unset (capped by the context)."
     )
     default_temperature: float = Field(0.7, ge=0, le=2, description="temperature when a request leaves it unset.")
+    engine_stall_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Health: an engine that holds requests but has produced no output for this long is taken as hung"
+        " (readiness and liveness NOT_SERVING, so the kubelet restarts the pod). Longer than the slowest prefill.",
+    )
 
     @model_validator(mode="after")
     def _cpu_loras_hold_a_batch(self) -> "GeneratorSettings":
