@@ -57,6 +57,20 @@ def parse_adapter_ref(ref: str, field: str = "adapter") -> tuple[str, int | None
     return parts[0], int(parts[1])
 
 
+def parse_served_ref(ref: str, field: str = "adapter") -> tuple[str, int | None, str | None]:
+    """What a request may name: "<name>", "<name>/<version>" or "<name>@<alias>"; returns
+    (name, version or None, alias or None), each part validated."""
+    from ragtune.controlplane.aliases import validate_alias
+
+    name, at, alias = (ref or "").partition("@")
+    if at:
+        validate_name(name, field)
+        validate_alias(alias, field)
+        return name, None, alias
+    name, version = parse_adapter_ref(ref, field)
+    return name, version, None
+
+
 def validate_name(name: str, field: str = "name") -> str:
     if not _NAME_RE.match(name or ""):
         raise InvalidArgument(field, "must be a letter, then up to 63 letters, digits, '_' or '-'")

@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from ragtune.errors import FieldViolation, InvalidArgument, ResourceExhausted
-from ragtune.registry import parse_adapter_ref
+from ragtune.registry import parse_served_ref
 from ragtune.v1 import common_pb2, generator_pb2
 from services.generator.adapters import AdapterCatalog, CatalogEntry
+from services.generator.aliases import AliasResolver
 from services.generator.engine import Chunk, GenerationEngine, Sampling
 from services.generator.prompts import PromptRenderer
 from services.generator.sampling import parse_sampling
@@ -70,6 +71,7 @@ class Generator:
         engine: GenerationEngine,
         renderer: PromptRenderer,
         catalog: AdapterCatalog,
+        aliases: AliasResolver | None = None,
         *,
         max_in_flight: int,
         default_temperature: float,
@@ -78,6 +80,7 @@ class Generator:
         self.engine = engine
         self.renderer = renderer
         self.catalog = catalog
+        self.aliases = aliases
         self.max_in_flight = max_in_flight
         self.default_temperature = default_temperature
         self.default_max_tokens = default_max_tokens
@@ -93,7 +96,9 @@ class Generator:
         bad.extend(sampling_bad)
         if adapter_ref:
             try:
-                parse_adapter_ref(adapter_ref, "adapter")
+                _, _, alias = parse_served_ref(adapter_ref, "adapter")
+                if alias and self.aliases is None:
+                    raise InvalidArgument("adapter", "aliases need the control plane (RAGTUNE_DATABASE_URL)")
             except InvalidArgument as exc:
                 bad.extend(exc.violations)
         if bad:
@@ -137,6 +142,9 @@ class Generator:
             rendered = await loop.run_in_executor(self._render_pool, self.renderer.render, request_input)
             sampling = self._fit_to_context(rendered.token_ids, rendered.field, sampling)
             if adapter_ref:
+                name, _, alias = parse_served_ref(adapter_ref, "adapter")
+                if alias:
+                    adapter_ref = await self.aliases.resolve(tenant, name, alias)
                 adapter = await self.catalog.acquire(tenant, adapter_ref, "adapter")
         except BaseException:
             self.in_flight -= 1

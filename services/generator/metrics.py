@@ -19,6 +19,8 @@ that wait are latency a new replica would remove; KV-cache use near 1 says the b
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,3 +79,24 @@ def register(service: "GeneratorService", meter: metrics.Meter | None = None) ->
         gauge("ragtune.generator.engine.healthy", "1 while the engine serves, 0 once it errored or stopped.", "1",
               lambda s: int(s.healthy)),
     ]
+
+
+class PerVersion:
+    """Latency and outcome of each request by the adapter version that answered it (canary splits
+    compare versions on these: `ragtune.generator.version.duration` with `adapter` and `outcome`)."""
+
+    def __init__(self):
+        self._duration = metrics.get_meter("ragtune.generator").create_histogram(
+            "ragtune.generator.version.duration", unit="ms",
+            description="Request time by the adapter version that answered (empty = base) and outcome")
+
+    @contextmanager
+    def measure(self, stream):
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            yield
+            outcome = "ok"
+        finally:
+            adapter = stream.adapter.ref if stream.adapter is not None else ""
+            self._duration.record((time.perf_counter() - started) * 1000, {"adapter": adapter, "outcome": outcome})

@@ -7,12 +7,15 @@ import logging
 
 import grpc
 
+from ragtune.controlplane import Database
+from ragtune.controlplane.aliases import AliasStore
 from ragtune.errors import Unavailable
 from ragtune.registry import AdapterRegistry
 from ragtune.server import ServiceHealth
 from ragtune.tenancy import tenant_of
 from ragtune.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.generator.adapters import AdapterCatalog, CatalogEntry
+from services.generator.aliases import AliasResolver
 from services.generator import metrics as generator_metrics
 from services.generator.engine import ENGINE_DEAD, VllmEngine
 from services.generator.generation import GenerationStream, Generator
@@ -43,6 +46,10 @@ def _usage(stream: GenerationStream) -> common_pb2.TokenUsage:
     return common_pb2.TokenUsage(prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens)
 
 
+def _answered_by(stream: GenerationStream) -> str:
+    return stream.adapter.ref if stream.adapter is not None else ""
+
+
 def _close_when_done(stream: GenerationStream, context: grpc.aio.ServicerContext) -> None:
     # A cancelled or timed-out call may leave the response generator suspended: closing the stream
     # from the call's done callback aborts the engine request and frees its slot at once.
@@ -62,21 +69,25 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     async def Generate(self, request, context):
         stream = await self._core.open(tenant_of(context), request.input, request.sampling, request.adapter)
         _close_when_done(stream, context)
-        parts = [chunk.text async for chunk in stream.chunks()]
+        with self._service.per_version.measure(stream):
+            parts = [chunk.text async for chunk in stream.chunks()]
         return generator_pb2.GenerateResponse(
-            text="".join(parts), finish_reason=_FINISH.get(stream.finish_reason, 0), usage=_usage(stream)
+            text="".join(parts), finish_reason=_FINISH.get(stream.finish_reason, 0), usage=_usage(stream),
+            adapter=_answered_by(stream),
         )
 
     async def GenerateStream(self, request, context):
         stream = await self._core.open(tenant_of(context), request.input, request.sampling, request.adapter)
         _close_when_done(stream, context)
-        async for chunk in stream.chunks():
-            if chunk.finish_reason is None:
-                yield generator_pb2.GenerateStreamResponse(delta=chunk.text)
-            else:
-                yield generator_pb2.GenerateStreamResponse(
-                    delta=chunk.text, finish_reason=_FINISH.get(chunk.finish_reason, 0), usage=_usage(stream)
-                )
+        with self._service.per_version.measure(stream):
+            async for chunk in stream.chunks():
+                if chunk.finish_reason is None:
+                    yield generator_pb2.GenerateStreamResponse(delta=chunk.text)
+                else:
+                    yield generator_pb2.GenerateStreamResponse(
+                        delta=chunk.text, finish_reason=_FINISH.get(chunk.finish_reason, 0), usage=_usage(stream),
+                        adapter=_answered_by(stream),
+                    )
 
     async def LoadAdapter(self, request, context):
         entry = await self._core.catalog.load(tenant_of(context), request.name, "name")
@@ -120,6 +131,8 @@ class GeneratorService:
         self.engine = None
         self.generator: Generator | None = None
         self.gauges = generator_metrics.register(self)
+        self.per_version = generator_metrics.PerVersion()
+        self.database: Database | None = None
 
     async def health(self) -> ServiceHealth:
         engine = self.engine
@@ -158,10 +171,14 @@ class GeneratorService:
         catalog = AdapterCatalog(
             AdapterRegistry(s.registry_root), self.engine, base_model=s.base_model_name, max_lora_rank=s.max_lora_rank
         )
+        self.database = Database.from_settings(s)
+        if s.database_migrate:
+            await asyncio.to_thread(self.database.migrate, 30.0)
         self.generator = Generator(
             self.engine,
             renderer,
             catalog,
+            AliasResolver(AliasStore(self.database), s.alias_refresh_s),
             max_in_flight=s.max_in_flight,
             default_temperature=s.default_temperature,
             default_max_tokens=s.default_max_tokens,
@@ -174,3 +191,5 @@ class GeneratorService:
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await engine.shutdown()
+        if self.database is not None:
+            self.database.dispose()

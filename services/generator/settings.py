@@ -60,6 +60,11 @@ class GeneratorSettings(ServiceSettings):
         " (readiness and liveness NOT_SERVING, so the kubelet restarts the pod). Longer than the slowest prefill.",
     )
 
+    alias_refresh_s: float = Field(
+        2.0, gt=0, le=300, description="How often this replica re-reads an adapter alias ('<name>@<alias>') from the"
+        " control plane: every replica serves an alias's new target at most this long after it moves."
+    )
+
     @model_validator(mode="after")
     def _cpu_loras_hold_a_batch(self) -> "GeneratorSettings":
         if self.max_cpu_loras < self.max_loras:
