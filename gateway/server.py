@@ -23,6 +23,7 @@ from gateway.auth import KeyRefresher, KeyRing, Scope
 from gateway.downstream import CallBudget, Downstream
 from gateway.evaluation.promotion import Promotion
 from gateway.evaluation.service import EvaluationService
+from gateway.evaluation.spec import validate_gate
 from gateway.evaluation.worker import EvaluationWorker
 from gateway.rag import AnswerOptions, AskPipeline, TokenCounter
 from gateway.settings import GatewaySettings
@@ -40,7 +41,6 @@ _FORWARDS: dict[str, tuple[str, str, Scope, bool]] = {
     "DeleteDocuments": ("retriever", "DeleteDocuments", Scope.INGEST, False),
     "Search": ("retriever", "Search", Scope.READ, True),
     "GetCollectionStats": ("retriever", "GetCollectionStats", Scope.READ, True),
-    "CreateJob": ("trainer", "CreateJob", Scope.TRAIN, False),
     "GetJob": ("trainer", "GetJob", Scope.READ, True),
     "ListJobs": ("trainer", "ListJobs", Scope.READ, True),
     "CancelJob": ("trainer", "CancelJob", Scope.TRAIN, False),
@@ -89,6 +89,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         budget = self._authorize(context, Scope.READ)
         async for event in self._pipeline.stream(request.question, budget):
             yield event
+
+    async def CreateJob(self, request, context):
+        budget = self._authorize(context, Scope.TRAIN)
+        spec = request.request.spec
+        if spec.HasField("gate"):
+            # The gate's eval set is read by an evaluation later: refuse a bad one now, line by line.
+            validate_gate(spec.gate)
+            if spec.gate.collection:
+                await self._evaluations.check_collection(spec.gate.collection, budget)
+        reply = await self._down.unary("trainer", self._down.trainer.CreateJob, request.request, budget)
+        return gateway_pb2.GatewayServiceCreateJobResponse(response=reply)
 
     async def CreateEvaluation(self, request, context):
         # Measuring knowledge-update cost trains an adapter, so it needs the train scope too.

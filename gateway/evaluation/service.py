@@ -44,11 +44,14 @@ class EvaluationService:
             self.worker.wake()
         return self._message(record)
 
+    async def check_collection(self, collection: str, budget: CallBudget) -> None:
+        await self.down.unary("retriever", self.down.retriever.GetCollection,
+                              retriever_pb2.GetCollectionRequest(name=collection), budget, idempotent=True)
+
     async def _check_targets(self, spec, arms: list[str], budget: CallBudget) -> None:
         """NOT_FOUND now, not minutes into the run, for an unknown collection or adapter."""
         if any(a.startswith("rag") for a in arms):
-            await self.down.unary("retriever", self.down.retriever.GetCollection,
-                                  retriever_pb2.GetCollectionRequest(name=spec.collection), budget, idempotent=True)
+            await self.check_collection(spec.collection, budget)
         if any("finetuned" in a for a in arms):
             name, version = parse_adapter_ref(spec.adapter, "spec.adapter")
             await self.down.unary("trainer", self.down.trainer.GetAdapter,

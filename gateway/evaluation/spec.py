@@ -87,3 +87,26 @@ def validate_spec(spec: gateway_pb2.EvaluationSpec) -> tuple[list[EvalItem], lis
     if problems:
         raise InvalidArgument.of(problems)
     return items, arms
+
+
+def validate_gate(gate) -> list[EvalItem]:
+    """A job's promotion gate (trainer_pb2.PromotionGate): its eval set, alias and margin."""
+    import math
+
+    from ragtune.controlplane.aliases import validate_alias
+
+    problems: list[FieldViolation] = []
+    items: list[EvalItem] = []
+    try:
+        items = parse_eval_set(gate.eval_set)
+    except InvalidArgument as exc:
+        problems.extend(FieldViolation("request.spec.gate." + v.field, v.description) for v in exc.violations)
+    try:
+        validate_alias(gate.alias, "request.spec.gate.alias")
+    except InvalidArgument as exc:
+        problems.extend(exc.violations)
+    if not math.isfinite(gate.margin) or not 0 <= gate.margin <= 1:
+        problems.append(FieldViolation("request.spec.gate.margin", "must be between 0 and 1"))
+    if problems:
+        raise InvalidArgument.of(problems)
+    return items
