@@ -86,8 +86,10 @@ def trainer(ragtune_home, tmp_path_factory):
     from services.trainer.settings import TrainerSettings
     from tests.grpc_support import InProcessServer
 
+    data_dir = tmp_path_factory.mktemp("trainer-data")
     settings = TrainerSettings(
-        port=0, min_examples=4, max_dataset_bytes=MAX_DATASET_BYTES, data_dir=tmp_path_factory.mktemp("trainer-data")
+        port=0, min_examples=4, max_dataset_bytes=MAX_DATASET_BYTES, data_dir=data_dir,
+        RAGTUNE_DATABASE_URL=f"sqlite:///{data_dir / 'controlplane.sqlite3'}",
     )
     with InProcessServer(TrainerService, settings, "trainer") as server:
         yield server
@@ -130,7 +132,7 @@ def test_upload_rejects_a_bad_name_an_empty_stream_and_a_dataset_too_large(stub,
         lambda: stub.ValidateDataset(pb.ValidateDatasetRequest(dataset="huge"), metadata=tenant_metadata(TENANT)),
         grpc.StatusCode.NOT_FOUND,
     )
-    assert not list(trainer.service.datasets.staging.iterdir()), "a refused upload left a staging file"
+    assert not list(trainer.service.core.datasets.staging.iterdir()), "a refused upload left a staging file"
     fails_with(lambda: upload(stub, "x", b"{}\n", tenant="NOT VALID"), grpc.StatusCode.UNAUTHENTICATED)
 
 
@@ -309,7 +311,7 @@ def test_lora_job_succeeds_and_its_loss_goes_down(stub, lora_job, trainer):
     assert done.state == pb.JOB_STATE_SUCCEEDED and done.step == 4 and done.adapter_path == f"{TENANT}/jeopardy/1"
     assert done.metrics.validation_loss == pytest.approx(epochs[1].validation_loss)
     assert done.spec.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert not (trainer.service.runner.work_dir(job.id)).exists(), "checkpoints must go once the job ends"
+    assert not (trainer.service.core.work_dir(job.id)).exists(), "checkpoints must go once the job ends"
     # A watch that resumes after an event sends only the later ones.
     assert [e.sequence for e in watch(stub, job.id, after=events[-3].sequence)] == [e.sequence for e in events[-2:]]
 
@@ -322,7 +324,7 @@ def test_lora_adapter_is_in_the_registry_with_its_metadata(stub, lora_job, train
     assert adapter.base_model == "SmolLM2-135M-Instruct" and adapter.lora.r == 8
     assert adapter.hyperparameters.learning_rate == pytest.approx(1e-3) and len(adapter.dataset_sha256) == 64
     assert adapter.create_time.seconds > 0 and adapter.metrics.steps == 4
-    folder = trainer.service.registry.root / TENANT / "jeopardy" / "1"
+    folder = trainer.service.core.registry.root / TENANT / "jeopardy" / "1"
     names = {p.name for p in folder.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "ragtune.json"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
@@ -438,8 +440,8 @@ def test_cancel_stops_a_running_job_and_a_queued_one_leaving_nothing(stub, qa_da
     )
     fails_with(lambda: stub.GetAdapter(pb.GetAdapterRequest(name="cancelled"), metadata=md), grpc.StatusCode.NOT_FOUND)
     for job_id in (running.id, queued.id):
-        assert not trainer.service.runner.work_dir(job_id).exists(), "a cancelled job left checkpoints"
-    staging = trainer.service.registry.root / ".staging"
+        assert not trainer.service.core.work_dir(job_id).exists(), "a cancelled job left checkpoints"
+    staging = trainer.service.core.registry.root / ".staging"
     assert not staging.exists() or not list(staging.iterdir())
 
 
@@ -471,7 +473,7 @@ def test_each_supervised_method_trains_and_publishes(stub, trainer, method, hp, 
     assert len(losses) == 2 and losses[1] < losses[0]
     adapter = stub.GetAdapter(pb.GetAdapterRequest(name=name), metadata=tenant_metadata(TENANT)).adapter
     assert adapter.method == method and not adapter.servable
-    folder = trainer.service.registry.root / TENANT / name / "1"
+    folder = trainer.service.core.registry.root / TENANT / name / "1"
     if peft_type:
         assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == peft_type
         assert (folder / "adapter_model.safetensors").exists()
@@ -541,7 +543,7 @@ def test_dpo_trains_a_lora_adapter_from_preference_pairs(stub, trainer):
     assert of_kind(events, "epoch_end")[0].HasField("validation_loss")
     adapter = stub.GetAdapter(pb.GetAdapterRequest(name="preferred"), metadata=tenant_metadata(TENANT)).adapter
     assert adapter.method == pb.TRAINING_METHOD_DPO and adapter.servable and adapter.lora.r == 4
-    folder = trainer.service.registry.root / TENANT / "preferred" / "1"
+    folder = trainer.service.core.registry.root / TENANT / "preferred" / "1"
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
-    assert not trainer.service.runner.work_dir(job.id).exists()
+    assert not trainer.service.core.work_dir(job.id).exists()

@@ -25,6 +25,8 @@ def _start(tmp_path, port: int, log_name: str):
         "RAGTUNE_TRAINER_MIN_EXAMPLES": "4",
         "RAGTUNE_TRAINER_GRACE_PERIOD_S": "2",
         "RAGTUNE_LOG_FORMAT": "text",
+        # The killed process's lease must run out before the restarted one (a new worker) claims the job.
+        "RAGTUNE_TRAINER_LEASE_S": "5",
     }
     proc = start_service_process("services.trainer", env, tmp_path / log_name)
     wait_serving(f"127.0.0.1:{port}", "ragtune.v1.TrainerService", timeout=300, proc=proc)

@@ -1,16 +1,19 @@
-"""Translations between the trainer's protobuf messages and its core records (jobs, events, adapters)."""
+"""Translations between the trainer's protobuf messages and its core's dataclasses (requests, jobs,
+events, datasets, adapters); the only module besides server.py that knows the protobuf types."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from google.protobuf import timestamp_pb2
 
+from ragtune.controlplane.jobs import EventRecord, JobRecord
 from ragtune.registry import AdapterVersion
 from ragtune.v1 import trainer_pb2
-from services.trainer.datasets import FORMATS
-from services.trainer.jobs import EventRecord, JobRecord
+from services.trainer.core import DatasetCheck
+from services.trainer.datasets import DatasetInfo
+from services.trainer.jobspec import SpecRequest
+from services.trainer.validation import FORMATS, ValidationReport
 
 METHOD_NAMES = {
     trainer_pb2.TRAINING_METHOD_UNSPECIFIED: "lora",
@@ -37,6 +40,7 @@ HYPERPARAMETER_FIELDS = [f.name for f in trainer_pb2.Hyperparameters.DESCRIPTOR.
 
 
 def method_name(value: int) -> str:
+    # An unknown number passes through as a name no method has, and validation reports it.
     return METHOD_NAMES.get(value, f"TrainingMethod({value})")
 
 
@@ -44,7 +48,12 @@ def state_enum(state: str) -> int:
     return trainer_pb2.JobState.Value(f"JOB_STATE_{state}")
 
 
-def state_name(value: int) -> str:
+def state_filter(value: int) -> str | None:
+    """ListJobs' state filter: None for unspecified; an unknown number as a name no state has."""
+    if not value:
+        return None
+    if value not in trainer_pb2.JobState.values():
+        return f"JobState({value})"
     return trainer_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
 
 
@@ -54,8 +63,8 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def spec_arguments(spec: trainer_pb2.JobSpec) -> dict[str, Any]:
-    """The client's values for jobspec.resolve_spec (zero means unset, as proto3 cannot tell)."""
+def spec_request(spec: trainer_pb2.JobSpec) -> SpecRequest:
+    """The client's values (zero means unset, as proto3 cannot tell)."""
     lora = None
     if spec.HasField("lora"):
         lora = {
@@ -65,13 +74,29 @@ def spec_arguments(spec: trainer_pb2.JobSpec) -> dict[str, Any]:
             "target_modules": list(spec.lora.target_modules),
         }
     hp = {name: getattr(spec.hyperparameters, name) for name in HYPERPARAMETER_FIELDS}
-    return {
-        "adapter_name": spec.adapter_name,
-        "dataset": spec.dataset,
-        "method": method_name(spec.method),
-        "lora": lora,
-        "hyperparameters": hp,
-    }
+    return SpecRequest(spec.adapter_name, spec.dataset, method_name(spec.method), lora, hp)
+
+
+def dataset_check(request: trainer_pb2.ValidateDatasetRequest) -> DatasetCheck:
+    fmt = FORMAT_NAMES.get(request.format)
+    if fmt is None and request.format != trainer_pb2.DATASET_FORMAT_UNSPECIFIED:
+        fmt = f"DatasetFormat({request.format})"  # reported by validation
+    return DatasetCheck(request.dataset, fmt, request.max_seq_len or None)
+
+
+def validation_response(report: ValidationReport) -> trainer_pb2.ValidateDatasetResponse:
+    return trainer_pb2.ValidateDatasetResponse(
+        valid=report.valid,
+        format=FORMAT_ENUMS.get(report.format, 0),
+        examples=len(report.examples),
+        problems=[trainer_pb2.DatasetProblem(line=p.line, field=p.field, message=p.message) for p in report.problems],
+    )
+
+
+def upload_response(info: DatasetInfo) -> trainer_pb2.UploadDatasetResponse:
+    return trainer_pb2.UploadDatasetResponse(
+        name=info.name, size_bytes=info.size_bytes, sha256=info.sha256, lines=info.lines
+    )
 
 
 def _lora_message(lora: dict | None) -> trainer_pb2.LoraConfig | None:

@@ -1,13 +1,16 @@
-"""What a job trains: the method, LoRA settings and hyperparameters, with defaults applied and every
-bad value reported as a field violation named by its path in the CreateJob request."""
+"""What a job trains: the method, LoRA settings and hyperparameters. A client's values are checked by
+pydantic models (every bad value reported as a field violation named by its path in the CreateJob
+request, e.g. spec.hyperparameters.learning_rate), then defaults are applied into plain dataclasses."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ragtune.errors import FieldViolation, InvalidArgument
-from ragtune.registry import _NAME_RE
 
 METHODS = ("lora", "selective", "ia3", "prompt_tuning", "dpo")
 LORA_METHODS = ("lora", "dpo")
@@ -17,6 +20,12 @@ ADAPTABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Peak learning rates that suit each method: adapters with few parameters need larger steps.
 DEFAULT_LEARNING_RATE = {"lora": 2e-4, "selective": 2e-5, "ia3": 3e-3, "prompt_tuning": 3e-2, "dpo": 5e-5}
+# Hyperparameters that mean something for one method only.
+ONLY_FOR = {"selective_top_layers": "selective", "num_virtual_tokens": "prompt_tuning", "dpo_beta": "dpo"}
+_ADAPTER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+# -- the resolved spec: what the runner trains (stored with the job as a dict) -------------------
 
 
 @dataclass(frozen=True)
@@ -68,87 +77,155 @@ class JobSpec:
         )
 
 
-def _check_range(problems, path, value, low, high, *, low_open=False, high_open=False):
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        problems.append(FieldViolation(path, f"{value} is outside {lo}{low}, {high}{hi}"))
+@dataclass(frozen=True)
+class SpecRequest:
+    """A client's values as sent; None (or absent) means "use the default" (proto3 sends zero)."""
+
+    adapter_name: str
+    dataset: str
+    method: str
+    lora: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_spec(
-    *,
-    adapter_name: str,
-    dataset: str,
-    method: str,
-    lora: dict[str, Any] | None,
-    hyperparameters: dict[str, Any],
-    num_layers: int,
-    default_checkpoint_every: int,
-) -> JobSpec:
-    """Applies defaults to the values a client set (absent or zero means default) and validates
-    them all at once; raises InvalidArgument naming every bad field (spec.lora.r, ...)."""
-    problems: list[FieldViolation] = []
-    if not _NAME_RE.match(adapter_name or ""):
-        problems.append(
-            FieldViolation("spec.adapter_name", "must be a letter, then up to 63 letters, digits, '_' or '-'")
-        )
-    if not dataset:
-        problems.append(FieldViolation("spec.dataset", "must name an uploaded dataset"))
-    if method not in METHODS:
-        problems.append(FieldViolation("spec.method", f"unknown method {method!r}; one of {', '.join(METHODS)}"))
-        raise InvalidArgument.of(problems)
+# -- validation: the client's values, with the bounds the training code relies on ----------------
 
-    lora_settings = None
-    if lora is not None and method not in LORA_METHODS:
-        problems.append(FieldViolation("spec.lora", f"applies only to lora and dpo, not {method}"))
-    elif method in LORA_METHODS:
-        given = lora or {}
-        r = given.get("r") or 8
-        _check_range(problems, "spec.lora.r", r, 1, 64)
-        alpha = given.get("alpha") or 2.0 * r
-        _check_range(problems, "spec.lora.alpha", alpha, 0, 1024, low_open=True)
-        dropout = given.get("dropout") or 0.05
-        _check_range(problems, "spec.lora.dropout", dropout, 0, 1, high_open=True)
-        targets = tuple(given.get("target_modules") or DEFAULT_TARGETS)
+
+class _LoraModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    r: int = Field(8, ge=1, le=64)
+    alpha: float | None = Field(None, gt=0, le=1024)  # None: twice the rank
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
         unknown = [t for t in targets if t not in ADAPTABLE_MODULES]
         if unknown:
-            problems.append(
-                FieldViolation(
-                    "spec.lora.target_modules", f"unknown modules {unknown}; choose from {list(ADAPTABLE_MODULES)}"
-                )
-            )
-        elif len(set(targets)) != len(targets):
-            problems.append(FieldViolation("spec.lora.target_modules", "lists a module twice"))
-        lora_settings = LoraSettings(r=r, alpha=float(alpha), dropout=float(dropout), target_modules=targets)
+            raise ValueError(f"unknown modules {unknown}; choose from {list(ADAPTABLE_MODULES)}")
+        if len(set(targets)) != len(targets):
+            raise ValueError("lists a module twice")
+        return targets
 
-    hp = {k: v for k, v in hyperparameters.items() if v}
-    only_for = {"selective_top_layers": "selective", "num_virtual_tokens": "prompt_tuning", "dpo_beta": "dpo"}
-    for name, owner in only_for.items():
-        if name in hp and method != owner:
-            problems.append(FieldViolation(f"spec.hyperparameters.{name}", f"applies only to {owner}, not {method}"))
+
+class _HyperparametersModel(BaseModel):
+    """Only the values the client set (the rest stay None and get the method's defaults)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    epochs: int | None = Field(None, ge=1, le=100)
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    lr_schedule: Literal["linear", "cosine", "constant"] | None = None
+    batch_size: int | None = Field(None, ge=1, le=64)
+    gradient_accumulation: int | None = Field(None, ge=1, le=64)
+    max_seq_len: int | None = Field(None, ge=16, le=2048)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    validation_fraction: float | None = Field(None, ge=0, lt=0.5)
+    early_stopping_patience: int | None = Field(None, ge=0, le=100)
+    max_steps: int | None = Field(None, ge=0, le=1_000_000)
+    checkpoint_every_steps: int | None = Field(None, ge=1, le=1_000_000)
+    selective_top_layers: int | None = Field(None, ge=1)
+    num_virtual_tokens: int | None = Field(None, ge=1, le=128)
+    dpo_beta: float | None = Field(None, gt=0, le=10)
+
+    @field_validator("selective_top_layers", "num_virtual_tokens", "dpo_beta")
+    @classmethod
+    def _only_for_its_method(cls, value, info: ValidationInfo):
+        method = (info.context or {}).get("method")
+        owner = ONLY_FOR[info.field_name]
+        if method in METHODS and method != owner:
+            raise ValueError(f"applies only to {owner}, not {method}")
+        return value
+
+    @field_validator("selective_top_layers")
+    @classmethod
+    def _within_the_model(cls, value: int, info: ValidationInfo) -> int:
+        layers = (info.context or {}).get("num_layers")
+        if layers and value > layers:
+            raise ValueError(f"{value} is more than the model's {layers} layers")
+        return value
+
+
+class _SpecModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    adapter_name: str
+    dataset: str
+    method: Literal["lora", "selective", "ia3", "prompt_tuning", "dpo"]
+    lora: _LoraModel | None = None
+    hyperparameters: _HyperparametersModel = _HyperparametersModel()
+
+    @field_validator("adapter_name")
+    @classmethod
+    def _adapter_name(cls, name: str) -> str:
+        if not _ADAPTER_NAME_RE.match(name):
+            raise ValueError("must be a letter, then up to 63 letters, digits, '_' or '-'")
+        return name
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, name: str) -> str:
+        if not name:
+            raise ValueError("must name an uploaded dataset")
+        return name
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_methods_only(cls, lora, info: ValidationInfo):
+        method = info.data.get("method")
+        if lora is not None and method is not None and method not in LORA_METHODS:
+            raise ValueError(f"applies only to lora and dpo, not {method}")
+        return lora
+
+
+def violations(error: ValidationError, prefix: str = "") -> list[FieldViolation]:
+    """pydantic's errors as field violations named by their path in the request."""
+    found = []
+    for item in error.errors(include_url=False):
+        path = prefix + ".".join(str(part) for part in item["loc"])
+        if item["type"] == "value_error":
+            description = str(item["ctx"]["error"])
+        else:
+            description = f"{item['msg']} (got {item['input']!r})"
+        found.append(FieldViolation(path.rstrip("."), description))
+    return found
+
+
+def validated(model: type[BaseModel], data: dict[str, Any], *, prefix: str = "", context: dict | None = None):
+    """`model` built from `data`, or InvalidArgument naming every bad field at once."""
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as error:
+        raise InvalidArgument.of(violations(error, prefix)) from None
+
+
+def _given(values: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (values or {}).items() if v not in (None, 0, 0.0, "", (), [])}
+
+
+def resolve_spec(request: SpecRequest, *, num_layers: int, default_checkpoint_every: int) -> JobSpec:
+    """Validates a client's spec and applies the defaults; raises InvalidArgument naming every bad
+    field (spec.lora.r, spec.hyperparameters.learning_rate, ...)."""
+    data = {
+        "adapter_name": request.adapter_name or "",
+        "dataset": request.dataset or "",
+        "method": request.method,
+        "lora": None if request.lora is None else _given(request.lora),
+        "hyperparameters": _given(request.hyperparameters),
+    }
+    context = {"method": request.method, "num_layers": num_layers}
+    spec = validated(_SpecModel, data, prefix="spec.", context=context)
+    lora = None
+    if spec.method in LORA_METHODS:
+        given = spec.lora or _LoraModel()
+        alpha = given.alpha or 2.0 * given.r
+        lora = LoraSettings(r=given.r, alpha=float(alpha), dropout=float(given.dropout),
+                            target_modules=tuple(given.target_modules))
     defaults = Hyperparameters(
-        learning_rate=DEFAULT_LEARNING_RATE[method], checkpoint_every_steps=default_checkpoint_every
+        learning_rate=DEFAULT_LEARNING_RATE[spec.method], checkpoint_every_steps=default_checkpoint_every
     )
-    resolved = Hyperparameters(**{**asdict(defaults), **{k: v for k, v in hp.items() if k in asdict(defaults)}})
-    p = "spec.hyperparameters."
-    _check_range(problems, p + "epochs", resolved.epochs, 1, 100)
-    _check_range(problems, p + "learning_rate", resolved.learning_rate, 0, 1, low_open=True)
-    if resolved.lr_schedule not in SCHEDULES:
-        problems.append(
-            FieldViolation(p + "lr_schedule", f"unknown schedule {resolved.lr_schedule!r}; one of {SCHEDULES}")
-        )
-    _check_range(problems, p + "batch_size", resolved.batch_size, 1, 64)
-    _check_range(problems, p + "gradient_accumulation", resolved.gradient_accumulation, 1, 64)
-    _check_range(problems, p + "max_seq_len", resolved.max_seq_len, 16, 2048)
-    _check_range(problems, p + "seed", resolved.seed, 0, 2**31 - 1)
-    _check_range(problems, p + "validation_fraction", resolved.validation_fraction, 0, 0.5, high_open=True)
-    _check_range(problems, p + "early_stopping_patience", resolved.early_stopping_patience, 0, 100)
-    _check_range(problems, p + "max_steps", resolved.max_steps, 0, 1_000_000)
-    _check_range(problems, p + "checkpoint_every_steps", resolved.checkpoint_every_steps, 1, 1_000_000)
-    _check_range(problems, p + "selective_top_layers", resolved.selective_top_layers, 1, num_layers)
-    _check_range(problems, p + "num_virtual_tokens", resolved.num_virtual_tokens, 1, 128)
-    _check_range(problems, p + "dpo_beta", resolved.dpo_beta, 0, 10, low_open=True)
-    if problems:
-        raise InvalidArgument.of(problems)
-    return JobSpec(adapter_name, dataset, method, lora_settings, resolved)
+    chosen = spec.hyperparameters.model_dump(exclude_none=True)
+    hyperparameters = Hyperparameters(**{**asdict(defaults), **chosen})
+    return JobSpec(spec.adapter_name, spec.dataset, spec.method, lora, hyperparameters)

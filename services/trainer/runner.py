@@ -1,28 +1,27 @@
-"""`JobRunner`: a queue of jobs trained by worker threads (one at a time by default): validate,
-train, publish to the adapter registry; cancellation at the next step; on restart, unfinished
-jobs are queued again and resume from their last checkpoint."""
+"""`JobRunner`: runs one claimed job to its end: validate the dataset snapshot, train (resuming from
+the checkpoint in the job's work folder), publish exactly one adapter version, record the final
+state under the worker's lease; or stop at the next step on cancel, shutdown or a lost lease."""
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import random
 import resource
 import shutil
-import threading
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ragtune.errors import FailedPrecondition, ResourceExhausted
+from ragtune.controlplane import jobs as states
+from ragtune.controlplane.database import DatabaseUnavailable
+from ragtune.controlplane.jobs import JobRecord, JobStore
 from ragtune.models import BASE_MODEL_NAME
-from ragtune.registry import AdapterRegistry
-from services.trainer import jobs as states
-from services.trainer.datasets import DatasetStore, DatasetValidator, Problem, file_digest
-from services.trainer.jobs import JobRecord, JobStore
+from ragtune.registry import AdapterRegistry, AdapterVersion
+from services.trainer.datasets import file_digest
 from services.trainer.jobspec import JobSpec
 from services.trainer.training import Stopped
+from services.trainer.validation import DatasetValidator, Problem
+from services.trainer.workers import CANCEL, LOST, Lease
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +30,29 @@ SNAPSHOT = "dataset.jsonl"
 
 
 class _EventRecorder:
-    """The training listener: every event goes to the job's row in the store."""
+    """The training listener: every event goes to the job's events, unless the lease is lost (the
+    job's new worker reports its progress from then on)."""
 
-    def __init__(self, store: JobStore, job_id: str):
-        self.store, self.job_id = store, job_id
+    def __init__(self, store: JobStore, job_id: str, lease: Lease):
+        self.store, self.job_id, self.lease = store, job_id, lease
+
+    def _record(self, kind: str, payload: dict, **counters) -> None:
+        if self.lease.stop_reason() != LOST:
+            self.store.record(self.job_id, kind, payload, **counters)
 
     def progress(self, step, total_steps, epoch, loss, lr, tokens_per_second):
-        self.store.record(
-            self.job_id,
-            "progress",
-            {
-                "step": step,
-                "total_steps": total_steps,
-                "epoch": epoch,
-                "train_loss": loss,
-                "learning_rate": lr,
-                "tokens_per_second": tokens_per_second,
-            },
-            step=step,
-            total_steps=total_steps,
-        )
+        payload = {"step": step, "total_steps": total_steps, "epoch": epoch, "train_loss": loss,
+                   "learning_rate": lr, "tokens_per_second": tokens_per_second}
+        self._record("progress", payload, step=step, total_steps=total_steps)
 
     def epoch_end(self, epoch, train_loss, validation_loss):
-        self.store.record(
-            self.job_id, "epoch_end", {"epoch": epoch, "train_loss": train_loss, "validation_loss": validation_loss}
-        )
+        self._record("epoch_end", {"epoch": epoch, "train_loss": train_loss, "validation_loss": validation_loss})
 
     def checkpoint_saved(self, step):
-        self.store.record(self.job_id, "checkpoint_saved", {"step": step})
+        self._record("checkpoint_saved", {"step": step})
 
     def note(self, message):
-        self.store.record(self.job_id, "message", {"text": message})
+        self._record("message", {"text": message})
 
 
 def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -72,208 +63,122 @@ def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, li
 
 
 class JobRunner:
-    def __init__(
-        self,
-        store: JobStore,
-        datasets: DatasetStore,
-        registry: AdapterRegistry,
-        *,
-        work_root: Path,
-        model_dir: Path,
-        min_examples: int,
-        max_queued: int,
-        workers: int = 1,
-    ):
-        self.store, self.datasets, self.registry = store, datasets, registry
-        self.work_root, self.model_dir = work_root, model_dir
-        self.min_examples, self.max_queued, self.workers = min_examples, max_queued, workers
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._cancelled: set[str] = set()
-        self._publishing: set[str] = set()
-        self._shutdown = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> None:
-        for job in self.store.unfinished():
-            if job.cancel_requested:
-                self._finish_cancelled(job.id)
-            else:
-                self._queue.put(job.id)
-        for i in range(self.workers):
-            thread = threading.Thread(target=self._work, name=f"trainer-worker-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, timeout: float = 120.0) -> None:
-        """Stops the running jobs at their next step, leaving them to resume on the next start."""
-        self._shutdown.set()
-        for _ in self._threads:
-            self._queue.put(None)
-        for thread in self._threads:
-            thread.join(timeout)
+    def __init__(self, store: JobStore, registry: AdapterRegistry, *, work_root: Path, model_dir: Path,
+                 min_examples: int):
+        self.store, self.registry = store, registry
+        self.work_root, self.model_dir, self.min_examples = work_root, model_dir, min_examples
 
     def work_dir(self, job_id: str) -> Path:
         return self.work_root / job_id
 
-    # -- requests ----------------------------------------------------------------------------
+    # Work folders go before the final state is recorded: a client that sees the final state never
+    # finds leftovers, and a crash in between is settled by the next worker (cancel mark, registry).
+    def _finish(self, job: JobRecord, lease: Lease, state: str, **fields) -> None:
+        if not lease.renew():
+            return  # another worker owns the job now; its files are its own
+        shutil.rmtree(self.work_dir(job.id), ignore_errors=True)
+        self.store.set_state(job.id, state, only_from=states.UNFINISHED_STATES, worker=lease.worker, **fields)
 
-    def create(self, tenant: str, spec: JobSpec, client_request_id: str) -> JobRecord:
-        source = self.datasets.get(tenant, spec.dataset, "spec.dataset")
-        if client_request_id:
-            existing = [j for j in self.store.list(tenant) if j.client_request_id == client_request_id]
-            if existing:
-                return existing[0]
-        if self.store.count_waiting() >= self.max_queued:
-            raise ResourceExhausted(f"{self.max_queued} jobs are already waiting; retry later")
-        job, created = self.store.create(tenant, spec.to_dict(), client_request_id)
-        if created:
-            # Train on the dataset as it is now, even if it is uploaded again before the job runs.
-            work = self.work_dir(job.id)
-            try:
-                work.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(source, work / SNAPSHOT)
-                except OSError:
-                    shutil.copyfile(source, work / SNAPSHOT)
-            except OSError as exc:
-                self._fail(job.id, f"could not snapshot the dataset: {exc}")
-                raise
-            self._queue.put(job.id)
-        return job
+    def _fail(self, job: JobRecord, lease: Lease, error: str, problems: list[Problem] = ()) -> None:
+        self._finish(job, lease, states.FAILED, error=error, problems=[asdict(p) for p in problems])
 
-    def cancel(self, tenant: str, job_id: str) -> JobRecord:
-        job = self.store.get(job_id, tenant)
-        with self._lock:
-            if job_id in self._publishing:
-                raise FailedPrecondition(f"job {job_id} has finished training and is publishing its adapter")
-            if self.store.set_state(job_id, states.CANCELLED, only_from=(states.QUEUED,)):
-                # Only its dataset snapshot is there: a queued job has not trained yet.
-                shutil.rmtree(self.work_dir(job_id), ignore_errors=True)
-                return self.store.get(job_id)
-            job = self.store.get(job_id)
-            if job.finished:
-                raise FailedPrecondition(f"job {job_id} has already ended ({job.state})")
-            self.store.request_cancel(job_id)
-            self._cancelled.add(job_id)
-        return self.store.get(job_id)
+    def _published(self, job: JobRecord, spec: JobSpec) -> AdapterVersion | None:
+        """The version this job already published (a worker died between publishing and recording)."""
+        for version in reversed(self.registry.versions(job.tenant, spec.adapter_name)):
+            adapter = self.registry.get(job.tenant, f"{spec.adapter_name}/{version}")
+            if adapter.metadata.get("job_id") == job.id:
+                return adapter
+        return None
 
-    # -- the worker --------------------------------------------------------------------------
+    def _settle_published(self, job: JobRecord, spec: JobSpec, lease: Lease) -> bool:
+        adapter = self._published(job, spec)
+        if adapter is None:
+            return False
+        log.info("job %s already published %s; recording its success", job.id, adapter.registry_path)
+        self._finish(job, lease, states.SUCCEEDED, metrics=adapter.metadata.get("metrics"),
+                     adapter_path=adapter.registry_path)
+        return True
 
-    def _work(self) -> None:
-        while True:
-            job_id = self._queue.get()
-            if job_id is None or self._shutdown.is_set():
-                return
-            try:
-                self._process(job_id)
-            except Exception:
-                log.exception("job %s failed outside its run", job_id)
-
-    def _should_stop(self, job_id: str):
-        def check() -> str | None:
-            if job_id in self._cancelled:
-                return "cancel"
-            return "shutdown" if self._shutdown.is_set() else None
-
-        return check
-
-    # Work folders go before the final state is recorded: a client that sees the final state
-    # never finds leftovers, and a crash in between is settled on restart (cancel request, registry).
-    def _finish_cancelled(self, job_id: str) -> None:
-        shutil.rmtree(self.work_dir(job_id), ignore_errors=True)
-        self.store.set_state(job_id, states.CANCELLED, only_from=states.UNFINISHED_STATES)
-        self._cancelled.discard(job_id)
-
-    def _fail(self, job_id: str, error: str, problems: list[Problem] = ()) -> None:
-        shutil.rmtree(self.work_dir(job_id), ignore_errors=True)
-        self.store.set_state(
-            job_id,
-            states.FAILED,
-            only_from=states.UNFINISHED_STATES,
-            error=error,
-            problems=[asdict(p) for p in problems],
-        )
-
-    def _process(self, job_id: str) -> None:
-        job = self.store.get(job_id)
-        if job.finished:
-            return
-        # A trainer killed between publishing and recording success must not train and publish again.
-        published = [v for v in self.registry.list(job.tenant) if v.metadata.get("job_id") == job_id]
-        if published:
-            self.store.set_state(
-                job_id,
-                states.SUCCEEDED,
-                only_from=states.UNFINISHED_STATES,
-                metrics=published[0].metadata["metrics"],
-                adapter_path=published[0].registry_path,
-            )
-            shutil.rmtree(self.work_dir(job_id), ignore_errors=True)
-            return
-        if not self.store.set_state(job_id, states.VALIDATING, only_from=(states.QUEUED, states.VALIDATING)):
-            if self.store.get(job_id).state != states.RUNNING:
-                return
+    def run(self, job: JobRecord, lease: Lease) -> None:
+        """Runs a job this worker has just claimed. Raises DatabaseUnavailable (the job stays as it is)."""
         try:
-            self._train(job, JobSpec.from_dict(job.spec))
-        except Stopped as stop:
-            if stop.reason == "cancel":
-                self._finish_cancelled(job_id)
-            # On shutdown the job stays as it is and resumes from its checkpoint on the next start.
-        except Exception as exc:
-            log.exception("job %s failed", job_id)
-            self._fail(job_id, f"{type(exc).__name__}: {exc}")
+            self._run(job, JobSpec.from_dict(job.spec), lease)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any other fault fails this job, not the worker
+            log.exception("job %s failed", job.id)
+            self._fail(job, lease, f"{type(exc).__name__}: {exc}")
 
-    def _train(self, job: JobRecord, spec: JobSpec) -> None:
+    def _run(self, job: JobRecord, spec: JobSpec, lease: Lease) -> None:
+        if self._settle_published(job, spec, lease):
+            return
+        if job.cancel_requested:  # its last worker died before it could stop
+            self._finish(job, lease, states.CANCELLED)
+            return
+        if job.state != states.RUNNING and not self.store.set_state(
+            job.id, states.VALIDATING, only_from=(states.QUEUED, states.VALIDATING), worker=lease.worker
+        ):
+            return  # cancelled while queued, or no longer ours
+        try:
+            self._train(job, spec, lease)
+        except Stopped as stop:
+            if stop.reason == CANCEL:
+                self._finish(job, lease, states.CANCELLED)
+            # SHUTDOWN: the pool releases the job; LOST: another worker has it. Either way it
+            # resumes from its last checkpoint, which stays in the work folder.
+            log.info("job %s stopped (%s)", job.id, stop.reason)
+
+    def _validate(self, job: JobRecord, spec: JobSpec, tokenizer):
+        from services.trainer.rendering import ChatRenderer
+
+        validator = DatasetValidator(ChatRenderer(tokenizer).token_count, self.min_examples)
+        report = validator.validate(self.work_dir(job.id) / SNAPSHOT, max_seq_len=spec.hyperparameters.max_seq_len)
+        wanted = ("preference",) if spec.method == "dpo" else SUPERVISED_FORMATS
+        if report.format is not None and report.format not in wanted:
+            report.problems.append(
+                Problem(0, "format", f"method {spec.method} needs {' or '.join(wanted)} data, not {report.format}")
+            )
+        return report
+
+    def _train(self, job: JobRecord, spec: JobSpec, lease: Lease) -> None:
+        import torch
         from transformers import AutoTokenizer
 
         from services.trainer import methods
         from services.trainer.rendering import ChatRenderer
 
         work = self.work_dir(job.id)
-        should_stop = self._should_stop(job.id)
-        snapshot = work / SNAPSHOT
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        renderer = ChatRenderer(tokenizer)
-        validator = DatasetValidator(renderer.token_count, self.min_examples)
-        report = validator.validate(snapshot, max_seq_len=spec.hyperparameters.max_seq_len)
-        wanted = ("preference",) if spec.method == "dpo" else SUPERVISED_FORMATS
-        if report.format is not None and report.format not in wanted:
-            report.problems.append(
-                Problem(0, "format", f"method {spec.method} needs {' or '.join(wanted)} data, not {report.format}")
-            )
+        report = self._validate(job, spec, tokenizer)
         if report.problems:
-            self._fail(job.id, f"the dataset has {len(report.problems)} problems", report.problems)
+            self._fail(job, lease, f"the dataset has {len(report.problems)} problems", report.problems)
             return
-        dataset_sha256, _ = file_digest(snapshot)
-        train, held_out = split_examples(
-            report.examples, spec.hyperparameters.validation_fraction, spec.hyperparameters.seed
-        )
-        if not self.store.set_state(job.id, states.RUNNING, only_from=(states.VALIDATING, states.RUNNING)):
+        dataset_sha256, _ = file_digest(work / SNAPSHOT)
+        hp = spec.hyperparameters
+        train, held_out = split_examples(report.examples, hp.validation_fraction, hp.seed)
+        if not self.store.set_state(job.id, states.RUNNING, only_from=(states.VALIDATING, states.RUNNING),
+                                    worker=lease.worker):
             return
-        recorder = _EventRecorder(self.store, job.id)
-        import torch
-
-        torch.manual_seed(spec.hyperparameters.seed)
+        recorder = _EventRecorder(self.store, job.id, lease)
+        torch.manual_seed(hp.seed)
         base = methods.load_base_model(self.model_dir, methods.training_device())
         if spec.method == "dpo":
             from services.trainer.preference import run_dpo
 
-            model, result = run_dpo(spec, base, tokenizer, train, held_out, work, recorder, should_stop)
+            model, result = run_dpo(spec, base, tokenizer, train, held_out, work, recorder, lease.stop_reason)
         else:
             from services.trainer.training import TrainingRun
 
+            renderer = ChatRenderer(tokenizer)
             model = methods.build_trainable_model(spec, base)
             run = TrainingRun(
                 model,
                 [renderer.supervised(e["messages"]) for e in train],
                 [renderer.supervised(e["messages"]) for e in held_out],
-                spec.hyperparameters,
+                hp,
                 work,
                 recorder,
-                should_stop,
+                lease.stop_reason,
                 tokenizer.pad_token_id,
             )
             result = run.run()
@@ -290,19 +195,19 @@ class JobRunner:
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             ),
         }
-        with self._lock:
-            if should_stop():
-                raise Stopped(should_stop())
-            self._publishing.add(job.id)
-        try:
-            self._publish(job, spec, model, work, report.format, dataset_sha256, metrics)
-        finally:
-            with self._lock:
-                self._publishing.discard(job.id)
+        # Exactly one version per job: publish only while still holding the lease (renewed just
+        # now, so it cannot run out during the copy), and not if another worker already has.
+        reason = LOST if not lease.renew() else lease.stop_reason()
+        if reason:
+            raise Stopped(reason)
+        if self._settle_published(job, spec, lease):
+            return
+        self._publish(job, spec, model, lease, report.format, dataset_sha256, metrics)
 
-    def _publish(self, job, spec, model, work, dataset_format, dataset_sha256, metrics) -> None:
+    def _publish(self, job, spec, model, lease, dataset_format, dataset_sha256, metrics) -> None:
         from services.trainer import methods
 
+        work = self.work_dir(job.id)
         output = work / "output"
         shutil.rmtree(output, ignore_errors=True)
         methods.save_artifact(spec, model, output, BASE_MODEL_NAME)
@@ -327,8 +232,5 @@ class JobRunner:
         if spec.method == "prompt_tuning":
             metadata["num_virtual_tokens"] = hp.num_virtual_tokens
         version = self.registry.publish(job.tenant, spec.adapter_name, output, metadata)
-        shutil.rmtree(work, ignore_errors=True)
         self.store.record(job.id, "final_metrics", metrics)
-        self.store.set_state(
-            job.id, states.SUCCEEDED, only_from=(states.RUNNING,), metrics=metrics, adapter_path=version.registry_path
-        )
+        self._finish(job, lease, states.SUCCEEDED, metrics=metrics, adapter_path=version.registry_path)

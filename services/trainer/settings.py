@@ -26,12 +26,18 @@ class TrainerSettings(ServiceSettings):
     default_checkpoint_every_steps: int = Field(50, ge=1, description="Checkpoint interval when a job sets none.")
     lease_s: float = Field(
         30.0, ge=1, description="A worker's claim on a running job lasts this long unless renewed (every third of it);"
-        " when a worker dies, another resumes the job at most this long later."
+        " when a worker dies, another resumes the job from its checkpoint at most this long later. A CancelJob"
+        " sent to another replica reaches the running job within a third of it."
     )
     poll_interval_s: float = Field(
-        1.0, gt=0, le=60, description="How often idle workers look for queued jobs and watchers for new events."
+        1.0, gt=0, le=60, description="How often idle workers look for queued jobs and WatchJob streams for new"
+        " events: an event recorded on another replica reaches a watcher at most this long after it (one"
+        " recorded on the same replica, at once)."
     )
-    worker_id: str | None = Field(None, description="Name of this worker in job records; default <hostname>-<pid>.")
+    worker_id: str | None = Field(
+        None, description="Name of this worker in job records; default <hostname>-<pid>. With several"
+        " concurrent jobs, each worker thread is <worker_id>/<n>."
+    )
 
     @property
     def trainer_dir(self) -> Path:

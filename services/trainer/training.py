@@ -24,7 +24,8 @@ MIN_IMPROVEMENT = 1e-4
 
 
 class Stopped(Exception):
-    """Training stopped early on request: reason "cancel" (drop the job) or "shutdown" (resume later)."""
+    """Training stopped early: reason "cancel" (drop the job), "shutdown" (resume later, elsewhere) or
+    "lost" (the lease ran out: another worker owns the job now)."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
