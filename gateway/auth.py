@@ -29,6 +29,7 @@ class Scope(str, enum.Enum):
 class Principal:
     tenant: str
     scopes: frozenset[Scope]
+    key_id: str = ""  # recorded as the actor in audit trails
 
     def require(self, scope: Scope) -> None:
         if scope not in self.scopes and Scope.ADMIN not in self.scopes:
@@ -45,7 +46,7 @@ class KeyRing:
 
     def replace(self, keys: Iterable[ActiveKey]) -> None:
         self._by_digest = {
-            bytes.fromhex(k.sha256): Principal(k.tenant, frozenset(Scope(s) for s in k.scopes)) for k in keys
+            bytes.fromhex(k.sha256): Principal(k.tenant, frozenset(Scope(s) for s in k.scopes), k.id) for k in keys
         }
 
     def __len__(self) -> int:

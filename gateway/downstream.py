@@ -44,13 +44,15 @@ class CallBudget:
 
     tenant: str
     deadline: float  # time.monotonic() value
+    actor: str = ""  # the API key id, for audit trails downstream
 
     @classmethod
-    def from_context(cls, context: grpc.aio.ServicerContext, tenant: str, default_timeout_s: float) -> "CallBudget":
+    def from_context(cls, context: grpc.aio.ServicerContext, tenant: str, default_timeout_s: float,
+                     actor: str = "") -> "CallBudget":
         remaining = context.time_remaining()
         if remaining is None:
             remaining = default_timeout_s
-        return cls(tenant=tenant, deadline=time.monotonic() + min(remaining, default_timeout_s * 10))
+        return cls(tenant=tenant, deadline=time.monotonic() + min(remaining, default_timeout_s * 10), actor=actor)
 
     def remaining(self) -> float:
         left = self.deadline - time.monotonic()
@@ -80,7 +82,7 @@ class Downstream:
         await asyncio.gather(*(c.close() for c in self._channels.values()))
 
     def _metadata(self, budget: CallBudget) -> tuple[tuple[str, str], ...]:
-        return tenant_metadata(budget.tenant, self._token)
+        return tenant_metadata(budget.tenant, self._token, budget.actor)
 
     @staticmethod
     def _translate(service: str, exc: grpc.aio.AioRpcError) -> Exception:

@@ -79,7 +79,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = self._keys.authenticate(context.invocation_metadata())
         for scope in scopes:
             principal.require(scope)
-        return CallBudget.from_context(context, principal.tenant, self._settings.default_timeout_s)
+        return CallBudget.from_context(context, principal.tenant, self._settings.default_timeout_s,
+                                       actor=principal.key_id)
 
     async def Ask(self, request, context):
         budget = self._authorize(context, Scope.READ)

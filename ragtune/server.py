@@ -182,8 +182,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     async for item in behavior(request, context):
                         yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
+                except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+                    raise  # GeneratorExit: the client left the stream; nothing to report
                 except BaseException as exc:  # noqa: BLE001
                     await self._abort(context, method, exc)
                 finally:

@@ -10,6 +10,8 @@ from ragtune.errors import Unauthenticated
 
 TENANT_METADATA_KEY = "x-ragtune-tenant"
 INTERNAL_TOKEN_METADATA_KEY = "x-ragtune-internal-token"
+# The API key id the gateway authenticated, recorded by audit trails (alias moves).
+ACTOR_METADATA_KEY = "x-ragtune-actor"
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -30,9 +32,17 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
     return tenant
 
 
-def tenant_metadata(tenant: str, internal_token: str | None = None) -> tuple[tuple[str, str], ...]:
+def actor_of(context: grpc.aio.ServicerContext) -> str:
+    """Who made the call, for audit trails: the API key id the gateway passes, else the tenant."""
+    md = dict(context.invocation_metadata() or ())
+    return str(md.get(ACTOR_METADATA_KEY) or f"tenant:{md.get(TENANT_METADATA_KEY, '')}")[:128]
+
+
+def tenant_metadata(tenant: str, internal_token: str | None = None, actor: str = "") -> tuple[tuple[str, str], ...]:
     """Metadata the gateway (and tests) attach to downstream calls."""
     md = [(TENANT_METADATA_KEY, tenant)]
+    if actor:
+        md.append((ACTOR_METADATA_KEY, actor))
     if internal_token:
         md.append((INTERNAL_TOKEN_METADATA_KEY, internal_token))
     return tuple(md)

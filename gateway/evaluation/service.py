@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ragtune.controlplane import evaluations as states
-from ragtune.controlplane.evaluations import EvaluationStore
+from ragtune.controlplane.evaluations import EvaluationStore, report_path
 from ragtune.registry import parse_adapter_ref
 from ragtune.v1 import gateway_pb2, retriever_pb2, trainer_pb2
 from gateway.downstream import CallBudget, Downstream
@@ -19,10 +19,6 @@ from gateway.evaluation.worker import EvaluationWorker
 
 REPORTS = ("report.md", "report.html", "results.json")
 _CANCEL_WAIT_S = 10.0
-
-
-def report_path(tenant: str, evaluation_id: str) -> str:
-    return f"evaluations/{tenant}/{evaluation_id}"
 
 
 class EvaluationService:

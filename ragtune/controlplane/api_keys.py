@@ -44,6 +44,7 @@ class ActiveKey:
     sha256: str
     tenant: str
     scopes: tuple[str, ...]
+    id: str = ""
 
 
 def hash_key(key: str) -> str:
@@ -142,6 +143,6 @@ class ApiKeyStore:
     def active(self) -> list[ActiveKey]:
         """Every key not revoked: what the gateways authenticate against (reloaded every few seconds)."""
         with self.db.read() as c:
-            rows = c.execute(select(api_keys.c.sha256, api_keys.c.tenant, api_keys.c.scopes)
+            rows = c.execute(select(api_keys.c.sha256, api_keys.c.tenant, api_keys.c.scopes, api_keys.c.id)
                              .where(api_keys.c.revoke_time.is_(None))).all()
-        return [ActiveKey(r.sha256, r.tenant, tuple(r.scopes)) for r in rows]
+        return [ActiveKey(r.sha256, r.tenant, tuple(r.scopes), r.id) for r in rows]

@@ -26,6 +26,11 @@ FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 UNFINISHED_STATES = (QUEUED, RUNNING)
 
 
+def report_path(tenant: str, evaluation_id: str) -> str:
+    """Where an evaluation's report lives, relative to the artifact root."""
+    return f"evaluations/{tenant}/{evaluation_id}"
+
+
 class LeaseLost(Exception):
     """This worker no longer holds the evaluation: another replica runs it now."""
 
@@ -74,8 +79,16 @@ class EvaluationStore:
         return (evaluations.c.id == evaluation_id, evaluations.c.worker_id == worker,
                 evaluations.c.state.in_(UNFINISHED_STATES))
 
-    def create(self, tenant: str, spec: bytes, snapshot: dict[str, Any], report_path_of=None) -> EvaluationRecord:
-        evaluation_id = uuid.uuid4().hex[:12]
+    def create(self, tenant: str, spec: bytes, snapshot: dict[str, Any], report_path_of=None,
+               evaluation_id: str | None = None) -> EvaluationRecord:
+        """A QUEUED evaluation. With a fixed evaluation_id, creating it twice gives the first one back
+        (a promotion gate opened again by a trainer that died in between)."""
+        if evaluation_id is not None:
+            try:
+                return self.get(evaluation_id, tenant)
+            except NotFound:
+                pass
+        evaluation_id = evaluation_id or uuid.uuid4().hex[:12]
         now = time.time()
         report_path = report_path_of(tenant, evaluation_id) if report_path_of else ""
         snapshot = {**snapshot, "id": evaluation_id}

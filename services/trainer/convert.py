@@ -8,6 +8,7 @@ import math
 from google.protobuf import timestamp_pb2
 
 from ragtune.controlplane.jobs import EventRecord, JobRecord
+from ragtune.errors import InvalidArgument
 from ragtune.registry import AdapterVersion
 from ragtune.v1 import trainer_pb2
 from services.trainer.core import DatasetCheck
@@ -74,7 +75,63 @@ def spec_request(spec: trainer_pb2.JobSpec) -> SpecRequest:
             "target_modules": list(spec.lora.target_modules),
         }
     hp = {name: getattr(spec.hyperparameters, name) for name in HYPERPARAMETER_FIELDS}
-    return SpecRequest(spec.adapter_name, spec.dataset, method_name(spec.method), lora, hp)
+    gate = None
+    if spec.HasField("gate"):
+        try:
+            eval_set = spec.gate.eval_set.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument("spec.gate.eval_set", "must be UTF-8 JSONL") from None
+        gate = {"eval_set": eval_set, "alias": spec.gate.alias, "metric": GATE_METRICS[spec.gate.metric],
+                "margin": spec.gate.margin, "collection": spec.gate.collection}
+    return SpecRequest(spec.adapter_name, spec.dataset, method_name(spec.method), lora, hp, gate)
+
+
+GATE_METRICS = {0: "token_f1", 1: "token_f1", 2: "exact_match", 3: "rouge_l", 4: "citation_precision"}
+GATE_METRIC_ENUMS = {"token_f1": 1, "exact_match": 2, "rouge_l": 3, "citation_precision": 4}
+
+
+def gate_message(gate: dict | None) -> trainer_pb2.PromotionGate | None:
+    if not gate:
+        return None
+    return trainer_pb2.PromotionGate(eval_set=gate["eval_set"].encode(), alias=gate["alias"],
+                                     metric=GATE_METRIC_ENUMS[gate["metric"]], margin=gate["margin"],
+                                     collection=gate["collection"])
+
+
+def gate_evaluation_spec(job_id: str, adapter: str, candidate: int, incumbent: int, gate: dict) -> bytes:
+    """The evaluation a gateway runs for a promotion gate (see gateway.proto GateRun)."""
+    from ragtune.v1 import gateway_pb2
+
+    spec = gateway_pb2.EvaluationSpec(eval_set=gate["eval_set"].encode(), collection=gate["collection"])
+    spec.sampling.temperature = 0.0
+    spec.sampling.max_tokens = 32
+    spec.gate_run.CopyFrom(gateway_pb2.GateRun(job_id=job_id, adapter=adapter, candidate_version=candidate,
+                                               incumbent_version=incumbent, gate=gate_message(gate)))
+    return spec.SerializeToString()
+
+
+def verdict_message(verdict: dict | None) -> trainer_pb2.GateVerdict | None:
+    if not verdict:
+        return None
+    fields = {f.name for f in trainer_pb2.GateVerdict.DESCRIPTOR.fields}
+    return trainer_pb2.GateVerdict(**{k: v for k, v in verdict.items() if k in fields})
+
+
+def alias_message(record) -> trainer_pb2.AdapterAlias:
+    return trainer_pb2.AdapterAlias(
+        adapter=record.adapter, alias=record.alias, revision=record.revision, update_time=timestamp(record.update_time),
+        targets=[trainer_pb2.AliasTarget(version=t.version, weight=t.weight) for t in record.targets])
+
+
+def alias_event_message(event) -> trainer_pb2.AliasEvent:
+    return trainer_pb2.AliasEvent(
+        time=timestamp(event.time), action=event.action, actor=event.actor, reason=event.reason,
+        from_targets=[trainer_pb2.AliasTarget(version=t.version, weight=t.weight) for t in event.from_targets],
+        to_targets=[trainer_pb2.AliasTarget(version=t.version, weight=t.weight) for t in event.to_targets])
+
+
+def alias_targets(targets) -> list[tuple[int, int]]:
+    return [(t.version, t.weight) for t in targets]
 
 
 def dataset_check(request: trainer_pb2.ValidateDatasetRequest) -> DatasetCheck:
@@ -118,6 +175,7 @@ def spec_message(spec: dict) -> trainer_pb2.JobSpec:
         method=METHOD_ENUMS[spec["method"]],
         lora=_lora_message(spec.get("lora")),
         hyperparameters=_hyperparameters_message(spec["hyperparameters"]),
+        gate=gate_message(spec.get("gate")),
     )
 
 
@@ -150,6 +208,7 @@ def job_message(job: JobRecord) -> trainer_pb2.Job:
         create_time=timestamp(job.create_time),
         update_time=timestamp(job.update_time),
         client_request_id=job.client_request_id,
+        gate_verdict=verdict_message((job.metrics or {}).get("gate_verdict")),
     )
 
 
@@ -173,9 +232,10 @@ def event_message(event: EventRecord) -> trainer_pb2.JobEvent:
     return message
 
 
-def adapter_message(adapter: AdapterVersion) -> trainer_pb2.Adapter:
+def adapter_message(adapter: AdapterVersion, aliases: list[str] = ()) -> trainer_pb2.Adapter:
     meta = adapter.metadata
     message = trainer_pb2.Adapter(
+        aliases=list(aliases),
         name=adapter.name,
         version=adapter.version,
         registry_path=adapter.registry_path,

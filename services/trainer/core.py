@@ -9,7 +9,8 @@ import shutil
 import socket
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -17,13 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ragtune.controlplane import Database
 from ragtune.controlplane import jobs as states
+from ragtune.controlplane.aliases import AliasStore
 from ragtune.controlplane.datasets import DatasetRecords
+from ragtune.controlplane.evaluations import EvaluationStore, report_path
 from ragtune.controlplane.jobs import EventRecord, JobRecord, JobStore, new_job_id
 from ragtune.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ragtune.models import base_model_dir
 from ragtune.registry import AdapterRegistry, AdapterVersion, validate_name
+from services.trainer.aliases import AdapterAliases, AliasView, targets_of
 from services.trainer.datasets import DatasetStore, DatasetUpload
-from services.trainer.jobspec import SpecRequest, resolve_spec, validated
+from services.trainer.jobspec import JobSpec, SpecRequest, resolve_spec, validated
 from services.trainer.runner import SNAPSHOT, JobRunner
 from services.trainer.settings import TrainerSettings
 from services.trainer.validation import DatasetValidator, ValidationReport
@@ -76,12 +80,19 @@ def _job_id(job_id: str) -> str:
     return job_id
 
 
+# (job id, adapter, candidate version, incumbent version or 0, gate as a dict) -> evaluation spec bytes
+GateSpecBuilder = Callable[[str, str, int, int, dict], bytes]
+
+
 class TrainerCore:
     """Built cheaply; `open()` (blocking: tokenizer, database, migration) must run before any other
     method, and `start_workers()` starts claiming jobs."""
 
-    def __init__(self, settings: TrainerSettings):
+    def __init__(self, settings: TrainerSettings, gate_spec: GateSpecBuilder | None = None):
         self.settings = settings
+        self.gate_spec = gate_spec
+        self.aliases: AdapterAliases | None = None
+        self.evaluations: EvaluationStore | None = None
         self.registry = AdapterRegistry(settings.registry_root)
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.num_layers = 0
@@ -115,8 +126,10 @@ class TrainerCore:
         records = DatasetRecords(self.database)
         root = settings.trainer_dir
         self.datasets = DatasetStore(root / "datasets", settings.artifacts, settings.max_dataset_bytes, records)
+        self.aliases = AdapterAliases(self.registry, AliasStore(self.database))
+        self.evaluations = EvaluationStore(self.database)
         self.runner = JobRunner(self.store, self.registry, work_root=root / "work", model_dir=model_dir,
-                                min_examples=settings.min_examples)
+                                min_examples=settings.min_examples, open_gate=self.open_gate)
         self.pool = WorkerPool(self.store, self.runner.run, worker_id=self.worker_id,
                                workers=settings.concurrent_jobs, lease_s=settings.lease_s,
                                poll_interval_s=settings.poll_interval_s)
@@ -197,6 +210,10 @@ class TrainerCore:
         job = self.store.get(_job_id(job_id), tenant)
         if job.finished:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state})")
+        if job.state == states.EVALUATING:
+            # Its adapter is published; what is left is the gate's evaluation, which decides the alias.
+            raise FailedPrecondition(f"job {job_id} has trained; cancel its promotion gate's evaluation"
+                                     f" gate-{job_id} instead (the alias then stays)")
         if self.store.set_state(job_id, states.CANCELLED, only_from=(states.QUEUED,)):
             # Only its dataset snapshot is there: a queued job has not trained yet.
             shutil.rmtree(self.work_dir(job_id), ignore_errors=True)
@@ -242,9 +259,38 @@ class TrainerCore:
         _adapter_ref(name, version)
         return self.registry.delete(tenant, name, version or None)
 
+    # -- aliases and promotion gates ---------------------------------------------------------------
+
+    def list_adapters_with_aliases(self, tenant: str) -> list[tuple[AdapterVersion, list[str]]]:
+        by_version = self.aliases.by_version(tenant)
+        return [(a, by_version.get((a.name, a.version), [])) for a in self.registry.list(tenant)]
+
+    def set_alias(self, tenant: str, adapter: str, alias: str, targets: list[tuple[int, int]], actor: str,
+                  reason: str = ""):
+        return self.aliases.set(tenant, adapter, alias, targets_of(targets), actor, reason)
+
+    def get_alias(self, tenant: str, adapter: str, alias: str) -> AliasView:
+        return self.aliases.get(tenant, adapter, alias)
+
+    def rollback_alias(self, tenant: str, adapter: str, alias: str, actor: str, reason: str = ""):
+        return self.aliases.rollback(tenant, adapter, alias, actor, reason)
+
+    def open_gate(self, job: JobRecord, spec: JobSpec, version: int) -> str:
+        """Queues the gate's evaluation (once per job, whoever asks) and returns its id: a gateway's
+        evaluation worker runs it, then moves the alias or not and ends the job with the verdict."""
+        gate = spec.gate
+        incumbent = self.aliases.incumbent(job.tenant, spec.adapter_name, gate.alias)
+        questions = sum(1 for line in gate.eval_set.splitlines() if line.strip())
+        record = self.evaluations.create(
+            job.tenant, self.gate_spec(job.id, spec.adapter_name, version, incumbent, asdict(gate)),
+            {"questions": questions, "answers_total": 2 * questions}, report_path, evaluation_id=f"gate-{job.id}")
+        return record.id
+
+
 
 def _adapter_ref(name: str, version: int) -> str:
     validate_name(name, "name")
     if version < 0:
         raise InvalidArgument("version", "must not be negative (0 means the newest)")
     return f"{name}/{version}" if version else name
+

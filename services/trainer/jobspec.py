@@ -55,12 +55,25 @@ class Hyperparameters:
 
 
 @dataclass(frozen=True)
+class GateSettings:
+    """A promotion gate: once trained, the new version must beat what `alias` serves on `metric` by
+    `margin` (lower 95% bound) over the eval set before the alias moves to it."""
+
+    eval_set: str
+    alias: str
+    metric: str = "token_f1"
+    margin: float = 0.0
+    collection: str = ""
+
+
+@dataclass(frozen=True)
 class JobSpec:
     adapter_name: str
     dataset: str
     method: str = "lora"
     lora: LoraSettings | None = None
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    gate: GateSettings | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,12 +81,14 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         lora = data.get("lora")
+        gate = data.get("gate")
         return cls(
             adapter_name=data["adapter_name"],
             dataset=data["dataset"],
             method=data["method"],
             lora=LoraSettings(**{**lora, "target_modules": tuple(lora["target_modules"])}) if lora else None,
             hyperparameters=Hyperparameters(**data["hyperparameters"]),
+            gate=GateSettings(**gate) if gate else None,
         )
 
 
@@ -86,6 +101,7 @@ class SpecRequest:
     method: str
     lora: dict[str, Any] | None = None
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] | None = None
 
 
 # -- validation: the client's values, with the bounds the training code relies on ----------------
@@ -148,6 +164,16 @@ class _HyperparametersModel(BaseModel):
         return value
 
 
+class _GateModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    eval_set: str = Field(min_length=1, max_length=16 * 1024 * 1024)
+    alias: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    metric: Literal["token_f1", "exact_match", "rouge_l", "citation_precision"] = "token_f1"
+    margin: float = Field(0.0, ge=0, le=1)
+    collection: str = Field("", max_length=64)
+
+
 class _SpecModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -156,6 +182,7 @@ class _SpecModel(BaseModel):
     method: Literal["lora", "selective", "ia3", "prompt_tuning", "dpo"]
     lora: _LoraModel | None = None
     hyperparameters: _HyperparametersModel = _HyperparametersModel()
+    gate: _GateModel | None = None
 
     @field_validator("adapter_name")
     @classmethod
@@ -214,6 +241,7 @@ def resolve_spec(request: SpecRequest, *, num_layers: int, default_checkpoint_ev
         "method": request.method,
         "lora": None if request.lora is None else _given(request.lora),
         "hyperparameters": _given(request.hyperparameters),
+        "gate": request.gate,
     }
     context = {"method": request.method, "num_layers": num_layers}
     spec = validated(_SpecModel, data, prefix="spec.", context=context)
@@ -228,4 +256,5 @@ def resolve_spec(request: SpecRequest, *, num_layers: int, default_checkpoint_ev
     )
     chosen = spec.hyperparameters.model_dump(exclude_none=True)
     hyperparameters = Hyperparameters(**{**asdict(defaults), **chosen})
-    return JobSpec(spec.adapter_name, spec.dataset, spec.method, lora, hyperparameters)
+    gate = GateSettings(**spec.gate.model_dump()) if spec.gate else None
+    return JobSpec(spec.adapter_name, spec.dataset, spec.method, lora, hyperparameters, gate)

@@ -64,9 +64,11 @@ def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, li
 
 class JobRunner:
     def __init__(self, store: JobStore, registry: AdapterRegistry, *, work_root: Path, model_dir: Path,
-                 min_examples: int):
+                 min_examples: int, open_gate=None):
         self.store, self.registry = store, registry
         self.work_root, self.model_dir, self.min_examples = work_root, model_dir, min_examples
+        # (job, spec, new version) -> the id of the promotion gate's evaluation, queued for a gateway
+        self.open_gate = open_gate
 
     def work_dir(self, job_id: str) -> Path:
         return self.work_root / job_id
@@ -94,10 +96,22 @@ class JobRunner:
         adapter = self._published(job, spec)
         if adapter is None:
             return False
-        log.info("job %s already published %s; recording its success", job.id, adapter.registry_path)
-        self._finish(job, lease, states.SUCCEEDED, metrics=adapter.metadata.get("metrics"),
-                     adapter_path=adapter.registry_path)
+        log.info("job %s already published %s; recording it", job.id, adapter.registry_path)
+        self._published_done(job, spec, lease, adapter, adapter.metadata.get("metrics"))
         return True
+
+    def _published_done(self, job: JobRecord, spec: JobSpec, lease: Lease, adapter: AdapterVersion, metrics) -> None:
+        """SUCCEEDED, or EVALUATING while its promotion gate decides (the gateway then ends it)."""
+        if spec.gate is None or self.open_gate is None:
+            self._finish(job, lease, states.SUCCEEDED, metrics=metrics, adapter_path=adapter.registry_path)
+            return
+        evaluation_id = self.open_gate(job, spec, adapter.version)
+        self.store.record(job.id, "message", {
+            "text": f"published {adapter.registry_path}; its promotion gate for alias '{spec.gate.alias}' is"
+                    f" evaluating it (evaluation {evaluation_id})"})
+        # No trainer claims an EVALUATING job: the lease ends here.
+        self._finish(job, lease, states.EVALUATING, metrics=metrics, adapter_path=adapter.registry_path,
+                     worker_id=None, lease_expires=0.0)
 
     def run(self, job: JobRecord, lease: Lease) -> None:
         """Runs a job this worker has just claimed. Raises DatabaseUnavailable (the job stays as it is)."""
@@ -233,4 +247,4 @@ class JobRunner:
             metadata["num_virtual_tokens"] = hp.num_virtual_tokens
         version = self.registry.publish(job.tenant, spec.adapter_name, output, metadata)
         self.store.record(job.id, "final_metrics", metrics)
-        self._finish(job, lease, states.SUCCEEDED, metrics=metrics, adapter_path=version.registry_path)
+        self._published_done(job, spec, lease, version, metrics)

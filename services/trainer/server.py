@@ -8,7 +8,7 @@ import asyncio
 import grpc
 
 from ragtune.errors import InvalidArgument
-from ragtune.tenancy import tenant_of
+from ragtune.tenancy import actor_of, tenant_of
 from ragtune.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer import convert
 from services.trainer.core import TrainerCore
@@ -71,8 +71,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return convert.upload_response(info)
 
     async def ListAdapters(self, request, context):
-        adapters = await asyncio.to_thread(self.core.list_adapters, tenant_of(context))
-        return trainer_pb2.ListAdaptersResponse(adapters=[convert.adapter_message(a) for a in adapters])
+        adapters = await asyncio.to_thread(self.core.list_adapters_with_aliases, tenant_of(context))
+        return trainer_pb2.ListAdaptersResponse(adapters=[convert.adapter_message(a, aliases) for a, aliases in adapters])
 
     async def GetAdapter(self, request, context):
         adapter = await asyncio.to_thread(self.core.get_adapter, tenant_of(context), request.name, request.version)
@@ -85,6 +85,26 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.DeleteAdapterResponse(deleted=deleted)
 
 
+    async def SetAdapterAlias(self, request, context):
+        if len(request.reason) > 1000:
+            raise InvalidArgument("reason", "must be at most 1000 characters")
+        alias = await asyncio.to_thread(self.core.set_alias, tenant_of(context), request.adapter, request.alias,
+                                        convert.alias_targets(request.targets), actor_of(context), request.reason)
+        return trainer_pb2.SetAdapterAliasResponse(alias=convert.alias_message(alias))
+
+    async def GetAdapterAlias(self, request, context):
+        view = await asyncio.to_thread(self.core.get_alias, tenant_of(context), request.adapter, request.alias)
+        return trainer_pb2.GetAdapterAliasResponse(alias=convert.alias_message(view.alias),
+                                                   history=[convert.alias_event_message(e) for e in view.history])
+
+    async def RollbackAdapterAlias(self, request, context):
+        if len(request.reason) > 1000:
+            raise InvalidArgument("reason", "must be at most 1000 characters")
+        alias = await asyncio.to_thread(self.core.rollback_alias, tenant_of(context), request.adapter,
+                                        request.alias, actor_of(context), request.reason)
+        return trainer_pb2.RollbackAdapterAliasResponse(alias=convert.alias_message(alias))
+
+
 class TrainerService:
     """Hosts the trainer: on start, opens the core (tokenizer, control-plane database, migration)
     and starts its workers, which claim queued jobs and resume abandoned ones; stops them on stop."""
@@ -93,7 +113,7 @@ class TrainerService:
 
     def __init__(self, settings: TrainerSettings):
         self.settings = settings
-        self.core = TrainerCore(settings)
+        self.core = TrainerCore(settings, gate_spec=convert.gate_evaluation_spec)
 
     def register(self, server: grpc.aio.Server) -> None:
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(self.core), server)
