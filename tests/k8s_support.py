@@ -50,15 +50,8 @@ THIRD_PARTY_ENV = {
     "OTEL_METRIC_EXPORT_INTERVAL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "K8S_POD_NAME",
 }
 # Variables the manifests set for a setting another part of the code base has still to read, with
-# what it needs. tests/test_k8s_security.py holds a strict xfail per entry: it fails once the
-# setting exists, so the entry is removed here then.
-PENDING_SETTINGS = {
-    "retriever": {
-        "WEAVIATE_API_KEY": "services/retriever/settings.py: weaviate_api_key: SecretStr | None ="
-        " Field(None, validation_alias='WEAVIATE_API_KEY'), passed by WeaviateStore.connect as"
-        " auth_credentials=weaviate.classes.init.Auth.api_key(...)",
-    },
-}
+# what it needs (none pending now).
+PENDING_SETTINGS: dict[str, dict[str, str]] = {}
 # The Secrets every overlay must provide (name -> key), and the files the gpu overlay reads them from.
 REQUIRED_SECRETS = {
     "gateway-api-keys": "api-keys.json",

@@ -126,10 +126,9 @@ def test_weaviate_requires_the_retrievers_api_key(overlay):
     assert env_of(docs, retriever, refs=True)["WEAVIATE_API_KEY"] == {"secretKeyRef": key_ref}
 
 
-@pytest.mark.xfail(strict=True, reason="pending: " + PENDING_SETTINGS["retriever"]["WEAVIATE_API_KEY"])
 def test_retriever_reads_the_weaviate_api_key():
-    """The manifests hand the retriever WEAVIATE_API_KEY; its settings must read it (then remove the
-    PENDING_SETTINGS entry in tests/k8s_support.py and this xfail)."""
+    """The manifests hand the retriever WEAVIATE_API_KEY; its settings read it (and the Weaviate
+    backend passes it as the client's API-key credentials)."""
     assert "WEAVIATE_API_KEY" in settings_env_names(settings_class("retriever"))
 
 

@@ -144,7 +144,8 @@ def open_store(settings: RetrieverSettings, dimension: int):
         if not settings.weaviate_url:
             raise RuntimeError("RAGTUNE_RETRIEVER_BACKEND=weaviate needs WEAVIATE_URL")
         return WeaviateStore.connect(
-            settings.weaviate_url, settings.weaviate_grpc_port, hybrid_candidates=settings.hybrid_candidates
+            settings.weaviate_url, settings.weaviate_grpc_port, hybrid_candidates=settings.hybrid_candidates,
+            api_key=settings.weaviate_api_key.get_secret_value() if settings.weaviate_api_key else None,
         )
     from services.retriever.backends.lancedb_store import LanceDBStore
 

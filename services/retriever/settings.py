@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from ragtune.settings import ServiceSettings
@@ -24,6 +24,11 @@ class RetrieverSettings(ServiceSettings):
         description="Weaviate HTTP endpoint (e.g. http://weaviate:8080) when backend=weaviate.",
     )
     weaviate_grpc_port: int = Field(50051, ge=1, le=65535, description="Weaviate's gRPC port.")
+    weaviate_api_key: SecretStr | None = Field(
+        None,
+        validation_alias="WEAVIATE_API_KEY",
+        description="API key for a Weaviate that requires authentication (the manifests' Weaviate does).",
+    )
     data_dir: Path | None = Field(None, description="LanceDB folder; default <RAGTUNE_HOME>/retriever.")
     max_document_bytes: int = Field(1_000_000, ge=1, description="Largest document text accepted, in UTF-8 bytes.")
     max_batch_documents: int = Field(256, ge=1, description="Most documents in one UpsertDocuments or Ingest message.")

@@ -103,8 +103,10 @@ class WeaviateStore:
         self._ensure_specs_collection()
 
     @classmethod
-    def connect(cls, url: str, grpc_port: int, *, hybrid_candidates: int = 100) -> "WeaviateStore":
+    def connect(cls, url: str, grpc_port: int, *, hybrid_candidates: int = 100,
+                api_key: str | None = None) -> "WeaviateStore":
         import weaviate
+        from weaviate.classes.init import Auth
 
         parsed = urlparse(url)
         secure = parsed.scheme == "https"
@@ -115,6 +117,7 @@ class WeaviateStore:
             grpc_host=parsed.hostname or "localhost",
             grpc_port=grpc_port,
             grpc_secure=secure,
+            auth_credentials=Auth.api_key(api_key) if api_key else None,
         )
         return cls(client, hybrid_candidates=hybrid_candidates)
 
