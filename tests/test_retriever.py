@@ -167,6 +167,7 @@ def test_ingest_stream_commits_wiki_articles_in_batches(tenant):
     messages += [R.IngestRequest(documents=extra[:5]), R.IngestRequest(documents=extra[5:])]
     reply = tenant.Ingest(iter(messages))
     assert (reply.upserted, reply.unchanged) == (len(articles) + len(extra), 0)
+    assert (reply.committed, reply.committed_messages) == (len(articles) + len(extra), len(messages))
     docs, chunks = tenant.stats(name)
     assert (docs, chunks) == (len(articles) + len(extra), reply.chunks)
     assert chunks > len(articles) + len(extra)  # the articles span several chunks
@@ -185,32 +186,113 @@ def test_ingest_stream_rejects_a_change_of_collection(tenant, small):
     tenant.create(other)
     messages = [R.IngestRequest(collection=small, documents=[doc("x", "first")]),
                 R.IngestRequest(collection=other, documents=[doc("y", "second")])]
-    expect_error(lambda: tenant.Ingest(iter(messages)), grpc.StatusCode.INVALID_ARGUMENT, "collection")
+    expect_error(lambda: tenant.Ingest(iter(messages)), grpc.StatusCode.INVALID_ARGUMENT, "messages[1].collection")
     assert tenant.stats(other) == (0, 0)
-    expect_error(lambda: tenant.Ingest(iter([])), grpc.StatusCode.INVALID_ARGUMENT, "collection")
+    assert "x" in ids(tenant.search(small, "first", mode=R.SEARCH_MODE_KEYWORD))  # the valid message before it landed
+    expect_error(lambda: tenant.Ingest(iter([])), grpc.StatusCode.INVALID_ARGUMENT, "messages")
     expect_error(
         lambda: tenant.Ingest(iter([R.IngestRequest(collection=unique_name(), documents=[doc("x", "t")])])),
         grpc.StatusCode.NOT_FOUND,
     )
+    expect_error(
+        lambda: tenant.Ingest(iter([R.IngestRequest(collection="bad name!", documents=[doc("x", "t")])])),
+        grpc.StatusCode.INVALID_ARGUMENT, "messages[0].collection",
+    )
 
 
-def test_ingest_stream_with_a_bad_message_keeps_whole_documents_and_can_be_resent(tenant):
+def _committed(error: grpc.RpcError) -> R.IngestResponse:
+    """The IngestResponse packed into a rejected stream's error details."""
+    from grpc_status import rpc_status
+
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(R.IngestResponse.DESCRIPTOR):
+            reply = R.IngestResponse()
+            detail.Unpack(reply)
+            return reply
+    raise AssertionError("no IngestResponse in the error details")
+
+
+def test_ingest_stream_with_a_bad_message_keeps_what_was_valid_and_a_retry_skips_it(tenant):
     name = unique_name()
     tenant.create(name, fields=[], chunk_tokens=16, overlap_tokens=2)
     text = "The ferry crosses the bay every hour. " * 6
-    first = [doc(f"ok-{i}", text) for i in range(MAX_BATCH)]  # exactly one full commit batch
-    bad = [doc("later", "fine"), doc("", "no id")]
-    messages = [R.IngestRequest(collection=name, documents=first), R.IngestRequest(documents=bad)]
-    error = expect_error(lambda: tenant.Ingest(iter(messages)), grpc.StatusCode.INVALID_ARGUMENT, "documents[1].id")
-    assert "message 1" in error.details()
-    docs, chunks = tenant.stats(name)
-    assert docs in (0, MAX_BATCH)  # the first batch is committed whole or not at all
     per_doc = tenant.upsert(name, doc("probe", text)).chunks
-    assert chunks == docs * per_doc
-    fixed = [R.IngestRequest(collection=name, documents=first), R.IngestRequest(documents=[doc("later", "fine")])]
+    # Three valid messages (more than one commit batch, the last one still buffered), then a bad one.
+    good = [[doc(f"m{m}-{i}", f"{text} Message {m} document {i}.") for i in range(5)] for m in range(3)]
+    messages = [R.IngestRequest(collection=name, documents=good[0])]
+    messages += [R.IngestRequest(documents=d) for d in good[1:]]
+    bad = R.IngestRequest(documents=[doc("later", "fine"), doc("", "no id")])
+    error = expect_error(lambda: tenant.Ingest(iter(messages + [bad])), grpc.StatusCode.INVALID_ARGUMENT,
+                         "messages[3].documents[1].id")
+    committed = _committed(error)
+    assert (committed.committed_messages, committed.committed, committed.upserted) == (3, 15, 15)
+    assert tenant.stats(name)[0] == 16  # the probe and every valid document; nothing of the bad message
+    assert "later" not in ids(tenant.search(name, "fine", mode=R.SEARCH_MODE_KEYWORD))
+
+    # The client fixes the message and re-sends the whole stream: what landed is skipped.
+    fixed = messages + [R.IngestRequest(documents=[doc("later", "fine")])]
     reply = tenant.Ingest(iter(fixed))
-    assert (reply.upserted, reply.unchanged) == (MAX_BATCH + 1 - docs, docs)
-    assert tenant.stats(name) == (MAX_BATCH + 2, (MAX_BATCH + 1) * per_doc + 1)
+    assert (reply.upserted, reply.unchanged, reply.committed, reply.committed_messages) == (1, 15, 16, 4)
+    assert tenant.stats(name) == (17, 16 * per_doc + 1)
+
+
+def test_ingest_stream_later_version_of_a_document_wins(tenant):
+    name = unique_name()
+    tenant.create(name, fields=[])
+    messages = [R.IngestRequest(collection=name, documents=[doc("a", "The first version mentions walruses.")])]
+    messages += [R.IngestRequest(documents=[doc(f"n{i}", f"Filler note {i}.")]) for i in range(MAX_BATCH + 1)]
+    messages += [R.IngestRequest(documents=[doc("a", "The second version mentions pelicans.")])]
+    reply = tenant.Ingest(iter(messages))
+    assert reply.committed_messages == len(messages)
+    assert tenant.stats(name)[0] == MAX_BATCH + 2
+    assert ids(tenant.search(name, "pelicans", mode=R.SEARCH_MODE_KEYWORD)) == ["a"]
+    assert tenant.search(name, "walruses", mode=R.SEARCH_MODE_KEYWORD) == []
+
+
+def test_searches_are_served_while_an_ingest_stream_runs(tenant, channel):
+    """Conformance: an open Ingest stream neither blocks searches nor hides its committed batches."""
+    import threading
+    import time
+
+    name = unique_name()
+    tenant.create(name, fields=[])
+    tenant.upsert(name, doc("anchor", "The lighthouse keeper polished the great brass lens."))
+    stream_open = threading.Event()
+    release = threading.Event()
+
+    def messages():
+        yield R.IngestRequest(collection=name, documents=[doc(f"early-{i}", f"Early note {i} about zebras.")
+                                                          for i in range(MAX_BATCH)])
+        stream_open.set()
+        release.wait(60)  # the client holds the stream open while the test searches
+        yield R.IngestRequest(documents=[doc("late", "A late note about giraffes.")])
+
+    result: dict = {}
+
+    def ingest():
+        result["reply"] = tenant.Ingest(messages())
+        result["done"] = time.monotonic()
+
+    worker = threading.Thread(target=ingest)
+    worker.start()
+    try:
+        assert stream_open.wait(60)
+        served = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = ids(tenant.search(name, "zebras", mode=R.SEARCH_MODE_KEYWORD, top_k=20))
+            assert ids(tenant.search(name, "who tends the lamp?", mode=R.SEARCH_MODE_VECTOR, top_k=1)) == ["anchor"]
+            served.append(time.monotonic())
+            if len(found) == MAX_BATCH and len(served) >= 3:
+                break  # the first message's batch is searchable while the stream is still open
+            time.sleep(0.05)
+        assert len(found) == MAX_BATCH
+    finally:
+        release.set()
+        worker.join(120)
+    assert served[-1] < result["done"]  # every search was answered while the stream was still open
+    assert result["reply"].committed == MAX_BATCH + 1
+    assert ids(tenant.search(name, "giraffes", mode=R.SEARCH_MODE_KEYWORD)) == ["late"]
 
 
 def test_keyword_search_takes_punctuation_literally(tenant, small):
@@ -335,6 +417,26 @@ def test_ingest_without_tenant_is_unauthenticated(channel):
     )
 
 
+def test_embed_gives_the_embedders_unit_vectors_in_order(tenant, small):
+    reply = tenant.Embed(R.EmbedRequest(texts=["a small cat", "a young kitten", "a diesel truck"]))
+    assert reply.model == "all-MiniLM-L6-v2"
+    vectors = [list(e.vector) for e in reply.embeddings]
+    assert [len(v) for v in vectors] == [384, 384, 384]
+    for v in vectors:
+        assert abs(sum(x * x for x in v) - 1.0) < 1e-3
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
+    assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2]) + 0.2
+    # [CLS] a small cat [SEP]: five tokens, counted per text and in total
+    assert [e.tokens for e in reply.embeddings][0] == 5
+    assert reply.total_tokens == sum(e.tokens for e in reply.embeddings)
+    # A text longer than the model's window is truncated, not refused.
+    long = tenant.Embed(R.EmbedRequest(texts=["word " * 2000]))
+    assert long.embeddings[0].tokens == 512
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 def _search(name, **kw):
     return R.SearchRequest(collection=name, **{"query": "q", **kw})
@@ -410,6 +512,11 @@ BAD_INPUT = [
      "document_ids"),
     ("stats-unknown-collection", "GetCollectionStats",
      lambda c: R.GetCollectionStatsRequest(collection="no-such-collection"), "NOT_FOUND", None),
+    ("embed-no-texts", "Embed", lambda c: R.EmbedRequest(), "INVALID_ARGUMENT", "texts"),
+    ("embed-empty-text", "Embed", lambda c: R.EmbedRequest(texts=["fine", " "]), "INVALID_ARGUMENT", "texts[1]"),
+    ("embed-too-many", "Embed", lambda c: R.EmbedRequest(texts=["t"] * 257), "INVALID_ARGUMENT", "texts"),
+    ("embed-oversized-text", "Embed", lambda c: R.EmbedRequest(texts=["x " * (MAX_DOCUMENT_BYTES // 2 + 1)]),
+     "INVALID_ARGUMENT", "texts[0]"),
 ]
 
 

@@ -46,7 +46,7 @@ def test_large_collection_gets_an_index_that_finds_the_nearest(tmp_path):
     rng = np.random.default_rng(7)
     dim, n = 32, 1200
     vectors = _unit(rng.standard_normal((n, dim)).astype(np.float32))
-    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000)
+    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0)
     spec = CollectionSpec("big", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
     store.create_collection("acme", spec)
     try:
@@ -75,5 +75,62 @@ def test_large_collection_gets_an_index_that_finds_the_nearest(tmp_path):
         order = [int(c[1:].split("#")[0]) for c in chunk_ids]
         assert sorted(order) == list(range(n))
         assert np.allclose(matrix, vectors[order], atol=1e-6)
+    finally:
+        store.close()
+
+
+def _docs(vectors: np.ndarray, start: int) -> list[PreparedDocument]:
+    return [
+        PreparedDocument(f"d{i}", "h", [Chunk(f"d{i}", 0, f"text {i}", vectors[i - start], {"n": i}, "h")])
+        for i in range(start, start + len(vectors))
+    ]
+
+
+def test_writes_and_searches_proceed_while_the_index_is_rebuilt(tmp_path):
+    """A forced rebuild runs in the background; writes commit and their rows are found by search (exactly,
+    as unindexed rows) before it finishes; afterwards the new index serves them too."""
+    import time
+
+    from services.retriever.backends.lancedb_index import Action
+
+    rng = np.random.default_rng(3)
+    dim = 64
+    # Bulk-loaded without automatic maintenance, then one forced (re)build: the job the writes overlap.
+    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, ann_rows_per_partition=1000, auto_index=False,
+                         index_nice=0)
+    spec = CollectionSpec("big", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
+    store.create_collection("acme", spec)
+    try:
+        store.replace_documents("acme", spec, _docs(_unit(rng.standard_normal((3000, dim)).astype(np.float32)), 0))
+        store.maintain_index("acme", "big", rebuild=True)
+        deadline = time.monotonic() + 60
+        while store.indexer.running is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        job = store.indexer.running
+        assert job is not None and job.action is Action.BUILD
+        written, searched, next_id = [], [], 3000
+        while store.indexer.running is job and next_id < 3000 + 20 * 50:
+            fresh = _unit(rng.standard_normal((20, dim)).astype(np.float32))
+            store.replace_documents("acme", spec, _docs(fresh, next_id))
+            written.append(time.time())
+            hits = store.search("acme", spec, mode="vector", text="", vector=fresh[0].tolist(), top_k=1, alpha=1.0,
+                                filter=None)
+            assert hits[0].document_id == f"d{next_id}"  # a row written during the rebuild is found at once
+            searched.append(time.time())
+            next_id += 20
+        assert store.wait_for_maintenance(120)
+        assert job.error is None and job.finished is not None
+        # Robust on a loaded machine: what matters is that they completed before the rebuild did, not how fast.
+        assert sum(t < job.finished for t in written) >= 3, (len(written), job.finished - job.started)
+        assert sum(t < job.finished for t in searched) >= 3
+        assert store.stats("acme", spec) == (next_id, next_id)
+        status = store.index_status("acme", "big")
+        assert status["vector_partitions"] == 3 and status["running"] is None
+        chunk_ids, matrix = store.vectors("acme", "big")
+        row = dict(zip(chunk_ids, matrix))  # old and new rows, through the rebuilt index
+        for i in (0, 2999, next_id - 1):
+            hits = store.search("acme", spec, mode="vector", text="", vector=row[f"d{i}#0"].tolist(), top_k=1,
+                                alpha=1.0, filter=None)
+            assert hits[0].document_id == f"d{i}"
     finally:
         store.close()

@@ -179,3 +179,37 @@ def test_weaviate_objects_carry_typed_properties_and_stable_ids():
     assert chunk_uuid(chunk) != chunk_uuid(Chunk("doc-1", 2, "text", [0.1] * 3, {}, "hash-b"))
     assert isinstance(chunk_uuid(chunk), uuid.UUID)
     assert property_name("year", FieldType.INT) != property_name("year", FieldType.STRING)
+
+
+# ---- LanceDB index maintenance policy ------------------------------------------------------------
+def test_index_policy_builds_folds_and_rebuilds_on_drift():
+    from services.retriever.backends.lancedb_index import Action, IndexPolicy, IndexState
+
+    policy = IndexPolicy(min_rows=10_000, rows_per_partition=50_000, fold_fraction=0.05, fold_min_rows=1_000)
+    plan = lambda **kw: policy.plan(IndexState(**kw))[0]  # noqa: E731
+    # Small: exact search; only the full-text index is folded once more than 1,000 rows are missing from it.
+    assert plan(rows=5_000, vector_partitions=None, fts_unindexed=1_000) is Action.NONE
+    assert plan(rows=5_000, vector_partitions=None, fts_unindexed=1_001) is Action.OPTIMIZE
+    assert plan(rows=10_000, vector_partitions=None, fts_unindexed=0) is Action.BUILD
+    # Indexed: unindexed vector rows are folded in once they pass 5% (and 1,000); full-text ones past 1,000.
+    assert plan(rows=60_000, vector_partitions=1, vector_unindexed=2_900, fts_unindexed=900) is Action.NONE
+    assert plan(rows=60_000, vector_partitions=1, vector_unindexed=3_100) is Action.OPTIMIZE
+    assert plan(rows=1_000_000, vector_partitions=20, vector_unindexed=1_500, fts_unindexed=1_500) is Action.OPTIMIZE
+    # Partitions drift: twice the rows they were trained for (or half) means a rebuild.
+    assert plan(rows=99_999, vector_partitions=1) is Action.NONE
+    assert plan(rows=100_000, vector_partitions=1) is Action.BUILD
+    assert plan(rows=1_000_000, vector_partitions=16) is Action.NONE
+    assert plan(rows=1_600_000, vector_partitions=16) is Action.BUILD
+    assert plan(rows=400_000, vector_partitions=16) is Action.BUILD  # shrunk by deletes
+    assert policy.partitions_for(1_000_000) == 20 and policy.partitions_for(5_000) == 1
+
+
+def test_weaviate_vector_index_is_dynamic_with_the_embedded_threshold():
+    from services.retriever.backends.weaviate_store import vector_index_config
+
+    dynamic = vector_index_config("dynamic", 10_000)
+    assert dynamic.threshold == 10_000
+    assert dynamic.flat.distance.value == dynamic.hnsw.distance.value == "cosine"
+    assert dynamic.hnsw.ef == -1 and dynamic.hnsw.dynamicEfMin == 100  # dynamic ef: recall scales with top_k
+    hnsw = vector_index_config("hnsw", 10_000)
+    assert type(hnsw).__name__ == "_VectorIndexConfigHNSWCreate"

@@ -18,6 +18,9 @@ class TextChunk:
     text: str
     start_token: int
     end_token: int  # exclusive
+    # The chunk's tokens from the one tokenizer pass over the document (no special tokens), so the
+    # embedder need not tokenize the chunk text again.
+    token_ids: tuple[int, ...] = ()
 
 
 class Chunker:
@@ -26,16 +29,16 @@ class Chunker:
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
 
-    def _offsets(self, text: str) -> list[tuple[int, int]]:
+    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         encoded = self._tokenizer(
             text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False
         )
-        return [tuple(o) for o in encoded["offset_mapping"]]
+        return encoded["input_ids"], [tuple(o) for o in encoded["offset_mapping"]]
 
     def split(self, text: str, chunk_tokens: int, overlap_tokens: int) -> list[TextChunk]:
         if chunk_tokens < 1 or not 0 <= overlap_tokens < chunk_tokens:
             raise ValueError("need chunk_tokens >= 1 and 0 <= overlap_tokens < chunk_tokens")
-        offsets = self._offsets(text)
+        ids, offsets = self._encode(text)
         if not offsets:
             return []
         strength = _boundary_strengths(text, offsets)
@@ -45,7 +48,9 @@ class Chunker:
         while True:
             limit = start + chunk_tokens
             end = n if limit >= n else _best_break(strength, start + max(1, chunk_tokens // 2), limit)
-            chunks.append(TextChunk(len(chunks), text[offsets[start][0] : offsets[end - 1][1]], start, end))
+            chunks.append(
+                TextChunk(len(chunks), text[offsets[start][0] : offsets[end - 1][1]], start, end, tuple(ids[start:end]))
+            )
             if end >= n:
                 return chunks
             start = _overlap_start(strength, end, overlap_tokens, start)

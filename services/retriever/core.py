@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ragtune.errors import InvalidArgument
 from services.retriever.backends.base import VectorStore
 from services.retriever.chunking import Chunker
 from services.retriever.domain import (
@@ -19,14 +19,13 @@ from services.retriever.domain import (
     SearchMode,
     SearchQuery,
 )
-from services.retriever.embedding import Embedder
-from services.retriever.validation import collection_name
+from services.retriever.embedding import Embedder, lower_thread_priority, single_threaded_inference
 
 
 @dataclass
 class UpsertCounts:
     upserted: int = 0
-    unchanged: int = 0
+    unchanged: int = 0  # skipped: already stored with the same content hash
     chunks: int = 0
 
     def add(self, other: "UpsertCounts") -> None:
@@ -45,64 +44,112 @@ def content_hash(doc: DocumentInput, spec: CollectionSpec) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-class Retriever:
-    """Runs every blocking step (store, tokenizer, model) in a worker thread so the event loop keeps serving."""
+@dataclass(frozen=True)
+class Prepared:
+    """A batch ready to write: the changed documents, chunked and embedded, and what was skipped."""
 
-    def __init__(self, store: VectorStore, embedder: Embedder):
+    documents: list[PreparedDocument]
+    unchanged: int
+
+
+class Retriever:
+    """Runs every blocking step (store, tokenizer, model) off the event loop so it keeps serving.
+
+    Ingest batches are embedded on one dedicated thread whose CPU priority is lowered by `ingest_nice`, so a
+    search's query embedding (its own threads, normal priority) is served first while an ingest runs."""
+
+    def __init__(self, store: VectorStore, embedder: Embedder, *, ingest_nice: int = 10):
         self.store = store
         self.embedder = embedder
         self.chunker = Chunker(embedder.tokenizer)
+        self._bulk = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="embed-ingest", initializer=lower_thread_priority, initargs=(ingest_nice,)
+        )
+        self._queries = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="embed-query", initializer=single_threaded_inference
+        )
+
+    def close(self) -> None:
+        # Don't wait for an ingest batch still embedding (the RPCs are over; it would only delay shutdown
+        # by its length): the store closes now and stops its index job.
+        self._bulk.shutdown(wait=False, cancel_futures=True)
+        self._queries.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
 
     # ---- collections --------------------------------------------------------------------------
     async def create_collection(self, tenant: str, spec: CollectionSpec) -> CollectionSpec:
         return await asyncio.to_thread(self.store.create_collection, tenant, spec)
 
-    async def collection(self, tenant: str, name: str, field: str = "name") -> CollectionSpec:
-        """The tenant's collection; INVALID_ARGUMENT for a malformed name, NOT_FOUND if it has none."""
-        collection_name(name, field)
+    async def collection(self, tenant: str, name: str) -> CollectionSpec:
+        """The tenant's collection; NotFound if it has none of that name (the name is validated already)."""
         return await asyncio.to_thread(self.store.get_collection, tenant, name)
 
     async def list_collections(self, tenant: str) -> list[CollectionSpec]:
         return await asyncio.to_thread(self.store.list_collections, tenant)
 
     async def delete_collection(self, tenant: str, name: str) -> None:
-        collection_name(name, "name")
         await asyncio.to_thread(self.store.delete_collection, tenant, name)
 
     async def stats(self, tenant: str, spec: CollectionSpec) -> tuple[int, int]:
         return await asyncio.to_thread(self.store.stats, tenant, spec)
 
     # ---- documents ----------------------------------------------------------------------------
-    def _prepare(self, spec: CollectionSpec, docs: list[DocumentInput], hashes: dict[str, str]) -> list[PreparedDocument]:
+    def _embed_documents(self, spec: CollectionSpec, docs: list[DocumentInput], hashes: dict[str, str]) -> list[PreparedDocument]:
+        # One tokenizer pass per document: the chunker's token ids go straight to the model.
         split = [self.chunker.split(d.text, spec.chunk_tokens, spec.overlap_tokens) for d in docs]
-        texts = [c.text for chunks in split for c in chunks]
-        vectors = self.embedder.embed(texts)
+        vectors = self.embedder.embed_token_ids([c.token_ids for chunks in split for c in chunks])
         prepared, row = [], 0
         for doc, chunks in zip(docs, split):
             stored = []
             for c in chunks:
-                stored.append(Chunk(doc.id, c.index, c.text, vectors[row].tolist(), doc.metadata, hashes[doc.id]))
+                stored.append(Chunk(doc.id, c.index, c.text, vectors[row], doc.metadata, hashes[doc.id]))
                 row += 1
             prepared.append(PreparedDocument(doc.id, hashes[doc.id], stored))
         return prepared
 
-    async def upsert(self, tenant: str, spec: CollectionSpec, docs: list[DocumentInput]) -> UpsertCounts:
-        """Writes the changed documents of a validated batch in one all-or-nothing store call."""
+    async def prepare(
+        self, tenant: str, spec: CollectionSpec, docs: list[DocumentInput], known: dict[str, str] | None = None
+    ) -> Prepared:
+        """Drops the documents stored unchanged (same content hash; `known` adds hashes being written now) and
+        chunks and embeds the rest on the ingest thread."""
         hashes = {d.id: content_hash(d, spec) for d in docs}
         stored = await asyncio.to_thread(self.store.content_hashes, tenant, spec, list(hashes))
+        if known:
+            stored.update({k: v for k, v in known.items() if k in hashes})
         changed = [d for d in docs if stored.get(d.id) != hashes[d.id]]
-        counts = UpsertCounts(unchanged=len(docs) - len(changed))
-        if not changed:
-            return counts
-        prepared = await asyncio.to_thread(self._prepare, spec, changed, hashes)
-        await asyncio.to_thread(self.store.replace_documents, tenant, spec, prepared)
-        counts.upserted = len(prepared)
-        counts.chunks = sum(len(p.chunks) for p in prepared)
-        return counts
+        documents = []
+        if changed:
+            loop = asyncio.get_running_loop()
+            documents = await loop.run_in_executor(self._bulk, self._embed_documents, spec, changed, hashes)
+        return Prepared(documents, len(docs) - len(changed))
+
+    async def write(self, tenant: str, spec: CollectionSpec, prepared: Prepared) -> UpsertCounts:
+        """Writes a prepared batch in one all-or-nothing store call."""
+        if prepared.documents:
+            await asyncio.to_thread(self.store.replace_documents, tenant, spec, prepared.documents)
+        return UpsertCounts(
+            upserted=len(prepared.documents),
+            unchanged=prepared.unchanged,
+            chunks=sum(len(p.chunks) for p in prepared.documents),
+        )
+
+    async def upsert(self, tenant: str, spec: CollectionSpec, docs: list[DocumentInput]) -> UpsertCounts:
+        """Writes the changed documents of a validated batch in one all-or-nothing store call."""
+        return await self.write(tenant, spec, await self.prepare(tenant, spec, docs))
 
     async def delete_documents(self, tenant: str, spec: CollectionSpec, ids: list[str]) -> tuple[int, list[str]]:
         deleted = set(await asyncio.to_thread(self.store.delete_documents, tenant, spec, ids))
         return len(deleted), [d for d in ids if d not in deleted]
+
+    # ---- embeddings ---------------------------------------------------------------------------
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
+        """Vectors (unit length) and token counts of texts, on the query threads: Embed is interactive."""
+        loop = asyncio.get_running_loop()
+
+        def run() -> tuple[list[list[float]], list[int]]:
+            return self.embedder.embed(texts).tolist(), self.embedder.token_counts(texts)
+
+        return await loop.run_in_executor(self._queries, run)
 
     # ---- search -------------------------------------------------------------------------------
     async def search(self, tenant: str, spec: CollectionSpec, query: SearchQuery) -> list[Hit]:
@@ -110,7 +157,8 @@ class Retriever:
         needs_vector = query.mode in (SearchMode.VECTOR, SearchMode.HYBRID)
         vector = None
         if needs_vector:
-            vector = (await asyncio.to_thread(self.embedder.embed, [query.text]))[0].tolist()
+            loop = asyncio.get_running_loop()
+            vector = (await loop.run_in_executor(self._queries, self.embedder.embed, [query.text]))[0].tolist()
         return await asyncio.to_thread(
             lambda: self.store.search(
                 tenant,
@@ -123,33 +171,3 @@ class Retriever:
                 filter=query.filter,
             )
         )
-
-
-class IngestSession:
-    """Collects streamed documents and commits them in batches of up to `batch_size`, each all or nothing.
-
-    A document id seen again before its batch is committed flushes the batch first, so the later
-    version wins as it would across separate upserts."""
-
-    def __init__(self, retriever: Retriever, tenant: str, spec: CollectionSpec, batch_size: int):
-        self._retriever, self._tenant, self.spec, self._batch_size = retriever, tenant, spec, batch_size
-        self._buffer: dict[str, DocumentInput] = {}
-        self.counts = UpsertCounts()
-
-    async def add(self, docs: list[DocumentInput]) -> None:
-        for doc in docs:
-            if doc.id in self._buffer or len(self._buffer) >= self._batch_size:
-                await self.flush()
-            self._buffer[doc.id] = doc
-
-    async def flush(self) -> None:
-        if self._buffer:
-            batch, self._buffer = list(self._buffer.values()), {}
-            self.counts.add(await self._retriever.upsert(self._tenant, self.spec, batch))
-
-    @staticmethod
-    def check_collection(first: str, later: str, message_index: int) -> None:
-        if later and later != first:
-            raise InvalidArgument(
-                "collection", f"message {message_index} names {later!r}; the stream is for {first!r}"
-            )

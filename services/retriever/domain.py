@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Union
+from typing import Sequence, Union
 
 Scalar = Union[str, int, float, bool]
 
@@ -68,7 +68,7 @@ class Chunk:
     document_id: str
     chunk_index: int
     text: str
-    vector: list[float]
+    vector: Sequence[float]  # a list, or a row of the batch's float32 matrix (no per-float Python objects)
     metadata: dict[str, Scalar]
     content_hash: str
 

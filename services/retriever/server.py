@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 
 from ragtune.errors import InvalidArgument, Unavailable
-from ragtune.models import embedding_model_path
+from ragtune.models import EMBEDDING_MODEL_NAME, embedding_model_path
 from ragtune.tenancy import tenant_of
 from ragtune.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from services.retriever import validation
-from services.retriever.core import IngestSession, Retriever
+from services.retriever.core import Retriever
 from services.retriever.domain import CollectionSpec, FieldType, Hit, Scalar
+from services.retriever.ingest import IngestCounts, IngestSession
 from services.retriever.settings import RetrieverSettings
 
 SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["RetrieverService"].full_name
@@ -54,6 +57,37 @@ def hit_proto(hit: Hit, spec: CollectionSpec) -> retriever_pb2.SearchHit:
     )
 
 
+def ingest_response(counts: IngestCounts) -> retriever_pb2.IngestResponse:
+    return retriever_pb2.IngestResponse(
+        upserted=counts.upserted,
+        unchanged=counts.unchanged,
+        chunks=counts.chunks,
+        committed=counts.committed,
+        committed_messages=counts.committed_messages,
+    )
+
+
+class IngestRejected(InvalidArgument):
+    """A bad Ingest message: its BadRequest, plus the IngestResponse of what the stream committed before it."""
+
+    def __init__(self, error: InvalidArgument, committed: retriever_pb2.IngestResponse):
+        super().__init__(error.violations[0].field, error.violations[0].description, *error.violations[1:])
+        self.message += (
+            f" (the stream's first {committed.committed_messages} messages, {committed.committed} documents, "
+            "are committed; re-send from there, or all of it: stored documents are skipped)"
+        )
+        self.committed = committed
+
+    def to_status(self) -> grpc.Status:
+        base = super().to_status()
+        proto = status_pb2.Status.FromString(dict(base.trailing_metadata)["grpc-status-details-bin"])
+        proto.message = self.message
+        packed = any_pb2.Any()
+        packed.Pack(self.committed)
+        proto.details.append(packed)
+        return rpc_status.to_status(proto)
+
+
 class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
     def __init__(self, service: "RetrieverService"):
         self._service = service
@@ -71,9 +105,12 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
         created = await self._core.create_collection(tenant, spec)
         return retriever_pb2.CreateCollectionResponse(collection=collection_proto(created))
 
+    async def _collection(self, tenant: str, name: str, field: str = "collection") -> CollectionSpec:
+        return await self._core.collection(tenant, validation.collection_name(name, field))
+
     async def GetCollection(self, request, context):
         tenant = tenant_of(context)
-        spec = await self._core.collection(tenant, request.name)
+        spec = await self._collection(tenant, request.name, "name")
         return retriever_pb2.GetCollectionResponse(collection=collection_proto(spec))
 
     async def ListCollections(self, request, context):
@@ -83,12 +120,12 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
 
     async def DeleteCollection(self, request, context):
         tenant = tenant_of(context)
-        await self._core.delete_collection(tenant, request.name)
+        await self._core.delete_collection(tenant, validation.collection_name(request.name, "name"))
         return retriever_pb2.DeleteCollectionResponse()
 
     async def UpsertDocuments(self, request, context):
         tenant = tenant_of(context)
-        spec = await self._core.collection(tenant, request.collection, "collection")
+        spec = await self._collection(tenant, request.collection)
         docs = validation.documents(request.documents, spec, self._settings)
         counts = await self._core.upsert(tenant, spec, docs)
         return retriever_pb2.UpsertDocumentsResponse(
@@ -99,41 +136,60 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
         tenant = tenant_of(context)
         session: IngestSession | None = None
         index = 0
-        async for message in request_iterator:
+        try:
+            async for message in request_iterator:
+                if session is None:
+                    spec = await self._collection(tenant, message.collection, "messages[0].collection")
+                    session = IngestSession(
+                        self._core, tenant, spec, batch_documents=self._settings.max_batch_documents,
+                        batch_bytes=self._settings.ingest_batch_bytes,
+                    )
+                try:
+                    docs = validation.ingest_message(message, index, session.spec, self._settings)
+                except InvalidArgument as bad:
+                    # Nothing valid is lost: commit every message before the bad one, then report both.
+                    raise IngestRejected(bad, ingest_response(await session.finish())) from None
+                await session.add(index, docs)
+                index += 1
             if session is None:
-                spec = await self._core.collection(tenant, message.collection, "collection")
-                session = IngestSession(self._core, tenant, spec, self._settings.max_batch_documents)
-            else:
-                IngestSession.check_collection(session.spec.name, message.collection, index)
-            await session.add(
-                validation.documents(message.documents, session.spec, self._settings, where=f"message {index}: ")
-            )
-            index += 1
-        if session is None:
-            raise InvalidArgument("collection", "the stream carried no message; the first must name the collection")
-        await session.flush()
-        c = session.counts
-        return retriever_pb2.IngestResponse(upserted=c.upserted, unchanged=c.unchanged, chunks=c.chunks)
+                raise InvalidArgument("messages", "the stream carried no message; the first must name the collection")
+            return ingest_response(await session.finish())
+        finally:
+            if session is not None:
+                await session.close()
 
     async def DeleteDocuments(self, request, context):
         tenant = tenant_of(context)
-        spec = await self._core.collection(tenant, request.collection, "collection")
+        spec = await self._collection(tenant, request.collection)
         ids = validation.document_ids(request.document_ids)
         deleted, missing = await self._core.delete_documents(tenant, spec, ids)
         return retriever_pb2.DeleteDocumentsResponse(deleted=deleted, not_found_ids=missing)
 
     async def Search(self, request, context):
         tenant = tenant_of(context)
-        spec = await self._core.collection(tenant, request.collection, "collection")
+        spec = await self._collection(tenant, request.collection)
         query = validation.search_query(request, spec, self._settings)
         hits = await self._core.search(tenant, spec, query)
         return retriever_pb2.SearchResponse(hits=[hit_proto(h, spec) for h in hits])
 
+    async def Embed(self, request, context):
+        texts = validation.embed_texts(request.texts, self._settings)
+        vectors, tokens = await self._core.embed(texts)
+        return embed_response(vectors, tokens, EMBEDDING_MODEL_NAME)
+
     async def GetCollectionStats(self, request, context):
         tenant = tenant_of(context)
-        spec = await self._core.collection(tenant, request.collection, "collection")
+        spec = await self._collection(tenant, request.collection)
         documents, chunks = await self._core.stats(tenant, spec)
         return retriever_pb2.GetCollectionStatsResponse(documents=documents, chunks=chunks)
+
+
+def embed_response(vectors: list[list[float]], tokens: list[int], model: str) -> retriever_pb2.EmbedResponse:
+    return retriever_pb2.EmbedResponse(
+        embeddings=[retriever_pb2.Embedding(vector=v, tokens=n) for v, n in zip(vectors, tokens)],
+        model=model,
+        total_tokens=sum(tokens),
+    )
 
 
 def open_store(settings: RetrieverSettings, dimension: int):
@@ -144,7 +200,11 @@ def open_store(settings: RetrieverSettings, dimension: int):
         if not settings.weaviate_url:
             raise RuntimeError("RAGTUNE_RETRIEVER_BACKEND=weaviate needs WEAVIATE_URL")
         return WeaviateStore.connect(
-            settings.weaviate_url, settings.weaviate_grpc_port, hybrid_candidates=settings.hybrid_candidates,
+            settings.weaviate_url,
+            settings.weaviate_grpc_port,
+            hybrid_candidates=settings.hybrid_candidates,
+            ann_min_chunks=settings.ann_min_chunks,
+            vector_index=settings.weaviate_vector_index,
             api_key=settings.weaviate_api_key.get_secret_value() if settings.weaviate_api_key else None,
         )
     from services.retriever.backends.lancedb_store import LanceDBStore
@@ -154,7 +214,9 @@ def open_store(settings: RetrieverSettings, dimension: int):
         dimension,
         ann_min_chunks=settings.ann_min_chunks,
         ann_reindex_fraction=settings.ann_reindex_fraction,
+        ann_rows_per_partition=settings.ann_rows_per_partition,
         hybrid_candidates=settings.hybrid_candidates,
+        index_nice=settings.index_nice,
     )
 
 
@@ -176,11 +238,11 @@ class RetrieverService:
 
             embedder = Embedder(embedding_model_path(), self.settings.embedding_batch_size)
             embedder.embed(["warm-up"])  # first forward pass allocates; pay it before SERVING
-            return Retriever(open_store(self.settings, embedder.dimension), embedder)
+            return Retriever(open_store(self.settings, embedder.dimension), embedder, ingest_nice=self.settings.ingest_nice)
 
         self.retriever = await asyncio.to_thread(build)
 
     async def stop(self) -> None:
         if self.retriever is not None:
-            await asyncio.to_thread(self.retriever.store.close)
+            await asyncio.to_thread(self.retriever.close)
             self.retriever = None

@@ -29,10 +29,31 @@ class RetrieverSettings(ServiceSettings):
         validation_alias="WEAVIATE_API_KEY",
         description="API key for a Weaviate that requires authentication (the manifests' Weaviate does).",
     )
+    weaviate_vector_index: Literal["dynamic", "hnsw"] = Field(
+        "dynamic",
+        description="Vector index of new Weaviate collections: dynamic (flat per tenant, HNSW from ann_min_chunks "
+        "on; needs the server's ASYNC_INDEXING=true, else falls back to hnsw) or hnsw.",
+    )
     data_dir: Path | None = Field(None, description="LanceDB folder; default <RAGTUNE_HOME>/retriever.")
     max_document_bytes: int = Field(1_000_000, ge=1, description="Largest document text accepted, in UTF-8 bytes.")
-    max_batch_documents: int = Field(256, ge=1, description="Most documents in one UpsertDocuments or Ingest message.")
+    max_batch_documents: int = Field(
+        256, ge=1, description="Most documents in one UpsertDocuments or Ingest message; also the most per Ingest commit batch."
+    )
+    ingest_batch_bytes: int = Field(
+        262_144,
+        ge=1,
+        description="An Ingest stream cuts a commit batch (whole messages) once it holds this much text; the next "
+        "batch is embedded while the last is written.",
+    )
+    ingest_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower the CPU priority of ingest embedding is than that of search queries "
+        "(0: the same), so searches stay fast while an ingest runs.",
+    )
     max_top_k: int = Field(100, ge=1, le=1000, description="Largest top_k a search may ask for.")
+    max_embed_texts: int = Field(256, ge=1, le=4096, description="Most texts one Embed call may send.")
     max_filter_values: int = Field(256, ge=1, description="Most values in one in_list filter condition.")
     embedding_batch_size: int = Field(64, ge=1, description="Chunks embedded per forward pass.")
     hybrid_candidates: int = Field(
@@ -48,8 +69,15 @@ class RetrieverSettings(ServiceSettings):
         0.05,
         gt=0,
         le=1,
-        description="Fold new chunks into the vector and full-text indexes once they exceed this fraction of the "
-        "collection (until then they are searched exactly); the vector index is retrained when the collection doubles.",
+        description="Fold new chunks into the vector index once they exceed this fraction of the collection (and "
+        "1,000; the full-text index folds past 1,000); until then they are searched exactly. The vector index is "
+        "rebuilt when the collection doubles (or halves).",
+    )
+    index_nice: int = Field(
+        10, ge=0, le=19, description="CPU priority drop (nice) of the background index process of the embedded store."
+    )
+    ann_rows_per_partition: int = Field(
+        50_000, ge=100, description="Rows per IVF partition the vector index is trained for (rebuilt at 2x drift)."
     )
 
     @property

@@ -1,4 +1,4 @@
-"""Turns retriever requests into checked domain objects, collecting every problem as a FieldViolation."""
+"""Turns retriever requests (protobuf, servicer side) into checked domain objects, every problem a FieldViolation."""
 
 from __future__ import annotations
 
@@ -112,17 +112,19 @@ def _typed(value: common_pb2.Value, expected: FieldType) -> tuple[Scalar | None,
     return None, f"field is declared {expected.value}, got {kind}"
 
 
-def documents(
-    protos, spec: CollectionSpec, settings: RetrieverSettings, field: str = "documents", where: str = ""
-) -> list[DocumentInput]:
+def documents(protos, spec: CollectionSpec, settings: RetrieverSettings, field: str = "documents") -> list[DocumentInput]:
     """Every document of a batch checked against the collection and the size limits; any problem rejects the
-    batch. `where` prefixes each description (e.g. which message of a stream)."""
-    try:
-        return _documents(protos, spec, settings, field)
-    except InvalidArgument as error:
-        if not where:
-            raise
-        raise InvalidArgument.of([FieldViolation(v.field, where + v.description) for v in error.violations]) from None
+    batch. `field` is the path of the repeated field (e.g. messages[3].documents in a stream)."""
+    return _documents(protos, spec, settings, field)
+
+
+def ingest_message(message: retriever_pb2.IngestRequest, index: int, spec: CollectionSpec,
+                   settings: RetrieverSettings) -> list[DocumentInput]:
+    """One message of an Ingest stream; violations are named messages[<index>].<field>."""
+    where = f"messages[{index}]"
+    if message.collection and message.collection != spec.name:
+        raise InvalidArgument(f"{where}.collection", f"names {message.collection!r}; the stream is for {spec.name!r}")
+    return _documents(message.documents, spec, settings, f"{where}.documents")
 
 
 def _documents(protos, spec: CollectionSpec, settings: RetrieverSettings, field: str) -> list[DocumentInput]:
@@ -274,3 +276,22 @@ def document_ids(ids, field: str = "document_ids") -> list[str]:
         bad.append(FieldViolation(field, f"1 to {MAX_DELETE_IDS} ids"))
     _raise_if(bad)
     return list(dict.fromkeys(ids))
+
+
+def embed_texts(texts, settings: RetrieverSettings, field: str = "texts") -> list[str]:
+    """The texts of an Embed call: at least one, at most max_embed_texts, none empty or oversized."""
+    texts = list(texts)
+    if not texts:
+        raise InvalidArgument(field, "at least one text is required")
+    if len(texts) > settings.max_embed_texts:
+        raise InvalidArgument(
+            field, f"at most {settings.max_embed_texts} texts a call (RAGTUNE_RETRIEVER_MAX_EMBED_TEXTS), got {len(texts)}"
+        )
+    bad: list[FieldViolation] = []
+    for i, text in enumerate(texts):
+        if not text.strip():
+            bad.append(FieldViolation(f"{field}[{i}]", "must not be empty"))
+        elif len(text.encode()) > settings.max_document_bytes:
+            bad.append(FieldViolation(f"{field}[{i}]", f"at most {settings.max_document_bytes} UTF-8 bytes"))
+    _raise_if(bad)
+    return texts

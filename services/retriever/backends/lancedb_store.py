@@ -2,24 +2,29 @@
 
 A document's chunks are written in one LanceDB commit (append, or merge-insert that also deletes the
 document's old chunks), so a document lands whole or not at all and survives a restart. Vector search is
-exact while a collection is small and uses an IVF_HNSW_SQ index, built in the background, once it is large.
+exact while a collection is small and uses an IVF_HNSW_SQ index once it is large; `lancedb_index.py` keeps
+the indexes fresh in a background process that no write or search ever waits on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from ragtune.errors import AlreadyExists, NotFound
+from services.retriever.backends.lancedb_index import Action, IndexMaintainer, IndexPolicy, IndexState
 from services.retriever.backends.lancedb_sql import ids_clause, where_clause
 from services.retriever.domain import CollectionSpec, FieldType, Hit, PreparedDocument
 from services.retriever.ranking import relative_score_fusion
@@ -34,14 +39,26 @@ _ARROW_TYPES = {
 }
 _BASE_COLUMNS = ["chunk_id", "document_id", "chunk_index", "text"]
 _VECTOR_INDEX = "vector_idx"
+_FTS_INDEX = "text_idx"
 _SPECS_DIR = "_collections"
-# Vector index shape and query settings, measured for recall@10 >= 0.95 at p95 < 20 ms (bench/retriever_bench.py):
-# IVF partitions of ~50k rows, each an HNSW graph over 8-bit scalar-quantised vectors.
-_ROWS_PER_PARTITION = 50_000
-_MAX_PARTITIONS = 256
-_NPROBES = 8
+_INDEX_DIR = "_indexes"  # the shape each collection's vector index was trained with
+# Query settings (bench/retriever_scale.py): IVF partitions of ~50k rows, each an HNSW graph over 8-bit
+# scalar-quantised vectors. Recall is bounded by the partitions probed, not by ef or the re-ranking: at 1M rows
+# in 20 partitions, with Jeopardy questions over a wiki corpus, 8 probes reached recall@10 0.883, 16 reached
+# 0.988 and 20 reached 0.998 (refine 2 or 10 made no difference). So a query probes 80% of the partitions
+# (at least 8, so small indexes are searched whole).
+_MIN_NPROBES = 8
+_NPROBE_FRACTION = 0.8
 _EF = 200
 _REFINE_FACTOR = 2
+# How stale a table handle may be before it looks for commits made by the index process. Our own writes
+# are always visible at once (a handle sees what it commits).
+_READ_CONSISTENCY = timedelta(seconds=1)
+_COMMIT_ATTEMPTS = 6
+
+
+def _is_commit_conflict(exc: Exception) -> bool:
+    return "commit conflict" in str(exc).lower() or "retryable" in str(exc).lower()
 
 
 class LanceDBStore:
@@ -54,21 +71,27 @@ class LanceDBStore:
         *,
         ann_min_chunks: int = 10_000,
         ann_reindex_fraction: float = 0.05,
+        ann_rows_per_partition: int = 50_000,
         hybrid_candidates: int = 100,
+        auto_index: bool = True,
+        index_nice: int = 10,
     ):
         self._root = Path(root)
         self._root.mkdir(parents=True, exist_ok=True)
         self._dimension = dimension
-        self._ann_min_chunks = ann_min_chunks
-        self._ann_reindex_fraction = ann_reindex_fraction
         self._hybrid_candidates = hybrid_candidates
+        self._auto_index = auto_index  # False: only explicit `maintain_index` calls (bulk loads in benchmarks)
+        self._index_nice = index_nice
         self._guard = threading.Lock()  # protects the dictionaries below
         self._dbs: dict[str, object] = {}
         self._tables: dict[tuple[str, str], object] = {}
         self._write_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._maintenance = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lancedb-index")
-        self._pending: dict[tuple[str, str], Future] = {}
-        self._built_rows: dict[tuple[str, str], int] = {}  # rows when each vector index was trained
+        policy = IndexPolicy(
+            min_rows=ann_min_chunks, rows_per_partition=ann_rows_per_partition, fold_fraction=ann_reindex_fraction
+        )
+        self.indexer = IndexMaintainer(policy, self._index_state, self._job_args, self._job_done)
+        self._hybrid_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lancedb-hybrid")
+        self._partitions: dict[tuple[str, str], int] = {}  # trained partitions per collection, for nprobes
 
     # ---- layout -------------------------------------------------------------------------------
     def _tenant_dir(self, tenant: str) -> Path:
@@ -83,7 +106,9 @@ class LanceDBStore:
         with self._guard:
             if tenant not in self._dbs:
                 self._tenant_dir(tenant).mkdir(parents=True, exist_ok=True)
-                self._dbs[tenant] = lancedb.connect(str(self._tenant_dir(tenant)))
+                self._dbs[tenant] = lancedb.connect(
+                    str(self._tenant_dir(tenant)), read_consistency_interval=_READ_CONSISTENCY
+                )
             return self._dbs[tenant]
 
     def _write_lock(self, tenant: str, name: str) -> threading.Lock:
@@ -162,9 +187,9 @@ class LanceDBStore:
             path.unlink()
             with self._guard:
                 self._tables.pop((tenant, name), None)
-                pending = self._pending.pop((tenant, name), None)
-            if pending is not None:
-                pending.cancel()
+            self._partitions.pop((tenant, name), None)
+            self.indexer.forget((tenant, name))
+            self._index_meta_path(tenant, name).unlink(missing_ok=True)
             try:
                 self._db(tenant).drop_table(name)
             except (FileNotFoundError, ValueError):
@@ -186,38 +211,64 @@ class LanceDBStore:
     def content_hashes(self, tenant: str, spec: CollectionSpec, document_ids: list[str]) -> dict[str, str]:
         return self._existing(self._table(tenant, spec.name), document_ids)
 
+    def _arrow(self, spec: CollectionSpec, documents: list[PreparedDocument]) -> pa.Table:
+        """The documents' chunks as one Arrow table, built column by column (vectors as one float32 block)."""
+        chunks = [c for d in documents for c in d.chunks]
+        vectors = np.asarray([c.vector for c in chunks], dtype=np.float32).reshape(len(chunks), self._dimension)
+        columns = {
+            "chunk_id": pa.array([c.chunk_id for c in chunks], pa.string()),
+            "document_id": pa.array([c.document_id for c in chunks], pa.string()),
+            "chunk_index": pa.array([c.chunk_index for c in chunks], pa.int32()),
+            "text": pa.array([c.text for c in chunks], pa.string()),
+            "content_hash": pa.array([c.content_hash for c in chunks], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), self._dimension),
+        }
+        for name, kind in spec.fields.items():
+            columns[f"m_{name}"] = pa.array([c.metadata.get(name) for c in chunks], _ARROW_TYPES[kind])
+        return pa.Table.from_pydict(columns, schema=self._schema(spec))
+
+    def _commit(self, write) -> None:
+        """Runs one LanceDB commit, retrying when an index job committed a conflicting change meanwhile
+        (a compaction that rewrote the fragments an update touches): the write is redone on the new version."""
+        for attempt in range(_COMMIT_ATTEMPTS):
+            try:
+                return write()
+            except (RuntimeError, OSError, ValueError) as exc:
+                if not _is_commit_conflict(exc) or attempt == _COMMIT_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
     def replace_documents(self, tenant: str, spec: CollectionSpec, documents: list[PreparedDocument]) -> None:
         if not documents:
             return
-        schema = self._schema(spec)
-        rows = []
-        for doc in documents:
-            for chunk in doc.chunks:
-                row = {
-                    "chunk_id": chunk.chunk_id,
-                    "document_id": chunk.document_id,
-                    "chunk_index": chunk.chunk_index,
-                    "text": chunk.text,
-                    "content_hash": chunk.content_hash,
-                    "vector": chunk.vector,
-                }
-                row.update({f"m_{k}": v for k, v in chunk.metadata.items()})
-                rows.append(row)
-        data = pa.Table.from_pylist(rows, schema=schema)
+        data = self._arrow(spec, documents)
         ids = [d.id for d in documents]
         with self._write_lock(tenant, spec.name):
             table = self._table(tenant, spec.name)
-            if not self._existing(table, ids):
-                table.add(data)  # all new: one append commit
-            else:
-                # One commit: upsert the new chunks and delete the documents' chunks that are not among them.
-                (
-                    table.merge_insert("chunk_id")
-                    .when_matched_update_all()
-                    .when_not_matched_insert_all()
-                    .when_not_matched_by_source_delete(ids_clause(ids))
-                    .execute(data)
-                )
+
+            def write():
+                if not self._existing(table, ids):
+                    table.add(data)  # all new: one append commit
+                else:
+                    # One commit: upsert the new chunks and delete the documents' chunks that are not among them.
+                    (
+                        table.merge_insert("chunk_id")
+                        .when_matched_update_all()
+                        .when_not_matched_insert_all()
+                        .when_not_matched_by_source_delete(ids_clause(ids))
+                        .execute(data)
+                    )
+
+            self._commit(write)
+        self._schedule_maintenance(tenant, spec.name)
+
+    def bulk_append(self, tenant: str, spec: CollectionSpec, documents: list[PreparedDocument]) -> None:
+        """One append of documents known to be new (bulk loads, benchmarks): no existence check, so a repeated
+        id would duplicate its chunks."""
+        data = self._arrow(spec, documents)
+        with self._write_lock(tenant, spec.name):
+            table = self._table(tenant, spec.name)
+            self._commit(lambda: table.add(data))
         self._schedule_maintenance(tenant, spec.name)
 
     def delete_documents(self, tenant: str, spec: CollectionSpec, document_ids: list[str]) -> list[str]:
@@ -225,7 +276,9 @@ class LanceDBStore:
             table = self._table(tenant, spec.name)
             found = self._existing(table, document_ids)
             if found:
-                table.delete(ids_clause(sorted(found)))
+                self._commit(lambda: table.delete(ids_clause(sorted(found))))
+        if found:
+            self._schedule_maintenance(tenant, spec.name)
         return [d for d in document_ids if d in found]
 
     def stats(self, tenant: str, spec: CollectionSpec) -> tuple[int, int]:
@@ -243,14 +296,26 @@ class LanceDBStore:
     def _columns(self, spec: CollectionSpec) -> list[str]:
         return _BASE_COLUMNS + [f"m_{k}" for k in spec.fields]
 
-    def _vector_search(self, table, spec, vector, limit: int, where: str | None) -> list[Hit]:
+    def _nprobes(self, tenant: str, name: str) -> int:
+        """Partitions a query probes: a share of those the index was trained with (read once, kept fresh by jobs)."""
+        key = (tenant, name)
+        partitions = self._partitions.get(key)
+        if partitions is None:
+            try:
+                partitions = int(json.loads(self._index_meta_path(tenant, name).read_text())["partitions"])
+            except (FileNotFoundError, ValueError, KeyError):
+                partitions = 0  # no index yet (search is exact), or built before the count was recorded
+            self._partitions[key] = partitions
+        return max(_MIN_NPROBES, math.ceil(_NPROBE_FRACTION * partitions))
+
+    def _vector_search(self, table, spec, vector, limit: int, where: str | None, nprobes: int) -> list[Hit]:
         # With an index: probe the nearest partitions' HNSW graphs with a wide search list, then re-rank
         # twice the hits on full-precision vectors (SQ alone loses recall). Without an index (small
         # collections) LanceDB ignores all three and searches exactly.
         query = (
             table.search(vector, vector_column_name="vector")
             .distance_type("cosine")
-            .nprobes(_NPROBES)
+            .nprobes(nprobes)
             .ef(max(_EF, 2 * limit))
             .refine_factor(_REFINE_FACTOR)
         )
@@ -272,66 +337,102 @@ class LanceDBStore:
         table = self._table(tenant, spec.name)
         where = where_clause(filter) if filter is not None else None
         if mode == "vector":
-            return self._vector_search(table, spec, vector, top_k, where)
+            return self._vector_search(table, spec, vector, top_k, where, self._nprobes(tenant, spec.name))
         if mode == "keyword":
             return self._keyword_search(table, spec, text, top_k, where)
         limit = max(top_k, self._hybrid_candidates)
-        vector_hits = self._vector_search(table, spec, vector, limit, where) if alpha > 0 else []
-        keyword_hits = self._keyword_search(table, spec, text, limit, where) if alpha < 1 else []
+        if 0 < alpha < 1:
+            # The two halves run at once (LanceDB releases the GIL): the latency is the slower one, not the sum.
+            keyword_future = self._hybrid_pool.submit(self._keyword_search, table, spec, text, limit, where)
+            vector_hits = self._vector_search(table, spec, vector, limit, where, self._nprobes(tenant, spec.name))
+            keyword_hits = keyword_future.result()
+        else:
+            nprobes = self._nprobes(tenant, spec.name)
+            vector_hits = self._vector_search(table, spec, vector, limit, where, nprobes) if alpha > 0 else []
+            keyword_hits = self._keyword_search(table, spec, text, limit, where) if alpha < 1 else []
         return relative_score_fusion(vector_hits, keyword_hits, alpha, top_k)
 
-    # ---- index maintenance --------------------------------------------------------------------
+    # ---- index maintenance (see lancedb_index.py for the policy) ---------------------------------
+    def _index_meta_path(self, tenant: str, name: str) -> Path:
+        return self._tenant_dir(tenant) / _INDEX_DIR / f"{name}.json"
+
     def _schedule_maintenance(self, tenant: str, name: str) -> None:
-        key = (tenant, name)
-        with self._guard:
-            if key in self._pending and not self._pending[key].done():
-                return
-            self._pending[key] = self._maintenance.submit(self._maintain, tenant, name)
+        if self._auto_index:
+            self.indexer.schedule((tenant, name))
 
-    def _maintain(self, tenant: str, name: str) -> None:
-        """Builds the vector index once a collection is large and folds rows added since into it and into
-        the full-text index. Runs off the request path; until it is done, new rows are searched exactly."""
+    def maintain_index(self, tenant: str, name: str, *, rebuild: bool = False) -> None:
+        """Asks for index maintenance now (a forced rebuild with rebuild=True); returns at once."""
+        self.indexer.schedule((tenant, name), rebuild=rebuild)
+
+    def _index_state(self, key: tuple[str, str]) -> IndexState | None:
+        tenant, name = key
+        if not self._spec_path(tenant, name).exists():
+            return None
         try:
-            with self._write_lock(tenant, name):
-                table = self._table(tenant, name)
-                rows = table.count_rows()
-                self._refresh_fts(table)
-                if rows < self._ann_min_chunks:
-                    return
-                if self._has_index(table, _VECTOR_INDEX):
-                    stats = table.index_stats(_VECTOR_INDEX)
-                    built = self._built_rows.get((tenant, name)) or stats.num_indexed_rows
-                    if rows < 2 * built:
-                        if stats.num_unindexed_rows > self._ann_reindex_fraction * rows:
-                            table.optimize()  # new rows join the trained partitions
-                        return
-                    # Doubled since it was trained: retrain, so partitions stay ~50k rows. Geometric
-                    # growth keeps the total build work linear in the collection size.
-                partitions = min(_MAX_PARTITIONS, max(1, rows // _ROWS_PER_PARTITION))
-                log.info("building vector index", extra={"fields": {"tenant": tenant, "collection": name, "rows": rows}})
-                table.create_index(
-                    metric="cosine",
-                    vector_column_name="vector",
-                    index_type="IVF_HNSW_SQ",
-                    num_partitions=partitions,
-                    replace=True,
-                    name=_VECTOR_INDEX,
-                )
-                self._built_rows[(tenant, name)] = rows
+            table = self._table(tenant, name)
+            table.checkout_latest()  # the index process commits too; plan from the newest version
+            rows = table.count_rows()
+            names = {i.name for i in table.list_indices()}
+            vector = table.index_stats(_VECTOR_INDEX) if _VECTOR_INDEX in names else None
+            fts = table.index_stats(_FTS_INDEX) if _FTS_INDEX in names else None
         except NotFound:
-            return  # the collection was deleted meanwhile
-        except Exception:  # noqa: BLE001 - maintenance must never take the service down; search stays exact
-            log.exception("index maintenance failed for %s/%s", tenant, name)
+            return None
+        partitions = None
+        if vector is not None:
+            try:
+                partitions = int(json.loads(self._index_meta_path(tenant, name).read_text())["partitions"])
+            except (FileNotFoundError, ValueError, KeyError):
+                # Built by an older version, which did not record it: assume the policy's shape.
+                partitions = self.indexer.policy.partitions_for(vector.num_indexed_rows)
+        return IndexState(
+            rows=rows,
+            vector_partitions=partitions,
+            vector_unindexed=vector.num_unindexed_rows if vector else 0,
+            fts_unindexed=fts.num_unindexed_rows if fts else rows,
+        )
 
-    def _has_index(self, table, name: str) -> bool:
-        return any(i.name == name for i in table.list_indices())
+    def _job_args(self, key: tuple[str, str], action: Action, state: IndexState) -> dict:
+        tenant, name = key
+        return {
+            "uri": str(self._tenant_dir(tenant)),
+            "table": name,
+            "index_name": _VECTOR_INDEX,
+            "partitions": self.indexer.policy.partitions_for(state.rows),
+            "nice": self._index_nice,
+            # A build also rebuilds the full-text index when most rows are missing from it (after a bulk load):
+            # cheaper than folding them all in.
+            "fts": state.fts_unindexed > max(self.indexer.policy.fold_min_rows, state.rows // 2),
+        }
 
-    def _refresh_fts(self, table) -> None:
-        stats = table.index_stats("text_idx") if self._has_index(table, "text_idx") else None
-        if stats is None:
-            table.create_fts_index("text", use_tantivy=False, replace=True)
-        elif stats.num_unindexed_rows > max(1000, self._ann_reindex_fraction * table.count_rows()):
-            table.optimize()
+    def _job_done(self, key: tuple[str, str], action: Action, state: IndexState, result: dict) -> None:
+        tenant, name = key
+        if action is Action.BUILD and self._spec_path(tenant, name).exists():
+            # Remember the trained shape: the drift rule compares it with what the size now calls for.
+            meta = {"partitions": self.indexer.policy.partitions_for(state.rows), "rows": result.get("rows"),
+                    "built_at": time.time(), "build_seconds": result.get("seconds")}
+            path = self._index_meta_path(tenant, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "w") as out:
+                json.dump(meta, out)
+            os.replace(tmp, path)
+            self._partitions[key] = meta["partitions"]
+        with self._guard:
+            table = self._tables.get(key)
+        if table is not None:
+            table.checkout_latest()  # searches see the new index now rather than after the consistency interval
+
+    def index_status(self, tenant: str, name: str) -> dict:
+        """The collection's index state and the job running now, if any (benchmarks, tests, operators)."""
+        state = self._index_state((tenant, name))
+        running = self.indexer.running
+        return {
+            "rows": state.rows if state else 0,
+            "vector_partitions": state.vector_partitions if state else None,
+            "vector_unindexed": state.vector_unindexed if state else 0,
+            "fts_unindexed": state.fts_unindexed if state else 0,
+            "running": running.action.value if running is not None and running.key == (tenant, name) else None,
+        }
 
     def index_types(self, tenant: str, name: str) -> list[str]:
         """The kinds of index the collection's table has now (for benchmarks and tests)."""
@@ -343,15 +444,13 @@ class LanceDBStore:
         matrix = data["vector"].combine_chunks().flatten().to_numpy().reshape(len(data), self._dimension)
         return data["chunk_id"].to_pylist(), np.asarray(matrix, dtype=np.float32)
 
-    def wait_for_maintenance(self) -> None:
+    def wait_for_maintenance(self, timeout: float | None = None) -> bool:
         """Blocks until scheduled index work is done (benchmarks and tests that need the index built)."""
-        with self._guard:
-            pending = list(self._pending.values())
-        for future in pending:
-            future.result()
+        return self.indexer.wait_idle(timeout)
 
     def close(self) -> None:
-        self._maintenance.shutdown(wait=True, cancel_futures=True)
+        self.indexer.close()
+        self._hybrid_pool.shutdown(wait=True)
         with self._guard:
             self._tables.clear()
             self._dbs.clear()

@@ -5,6 +5,13 @@ tenant per ragtune tenant; metadata properties carry their type in their name (m
 two tenants may declare the same field name with different types. Collection specs live in the
 multi-tenant "RagtuneCollections" collection. Weaviate has no transactions: a replace inserts the new
 chunks first (rolling them back if any object fails), then deletes the document's older chunks.
+
+Index maintenance is Weaviate's own, configured for the same behaviour as the embedded store: a *dynamic*
+vector index per tenant (exact flat search while the tenant is small, HNSW from `ann_min_chunks` on),
+with the server's asynchronous indexing (ASYNC_INDEXING=true, which the dynamic index needs) so an
+import never waits on the graph; HNSW is extended in place, never retrained. A server without async
+indexing refuses the dynamic index, and the collection then gets a plain HNSW index (indexed on write).
+`index_status` reports the per-tenant indexing queue, like the embedded store's unindexed rows.
 """
 
 from __future__ import annotations
@@ -96,15 +103,36 @@ def _ids_filter(document_ids: list[str]):
     return W.by_property("document_id").contains_any(list(document_ids))
 
 
+def vector_index_config(kind: str, ann_min_chunks: int):
+    """The vector index of a data collection: "dynamic" (flat, then HNSW past the threshold; needs the server's
+    ASYNC_INDEXING) or "hnsw". HNSW uses a dynamic ef (at least 100, scaled with the limit) for recall."""
+    from weaviate.classes.config import Configure, VectorDistances
+
+    hnsw = Configure.VectorIndex.hnsw(
+        distance_metric=VectorDistances.COSINE, ef=-1, dynamic_ef_min=100, dynamic_ef_max=500, dynamic_ef_factor=8
+    )
+    if kind == "hnsw":
+        return hnsw
+    return Configure.VectorIndex.dynamic(
+        distance_metric=VectorDistances.COSINE,
+        threshold=ann_min_chunks,
+        hnsw=hnsw,
+        flat=Configure.VectorIndex.flat(distance_metric=VectorDistances.COSINE),
+    )
+
+
 class WeaviateStore:
-    def __init__(self, client, *, hybrid_candidates: int = 100):
+    def __init__(self, client, *, hybrid_candidates: int = 100, ann_min_chunks: int = 10_000,
+                 vector_index: str = "dynamic"):
         self._client = client
         self._hybrid_candidates = hybrid_candidates
+        self._ann_min_chunks = ann_min_chunks
+        self._vector_index = vector_index
         self._ensure_specs_collection()
 
     @classmethod
-    def connect(cls, url: str, grpc_port: int, *, hybrid_candidates: int = 100,
-                api_key: str | None = None) -> "WeaviateStore":
+    def connect(cls, url: str, grpc_port: int, *, hybrid_candidates: int = 100, ann_min_chunks: int = 10_000,
+                vector_index: str = "dynamic", api_key: str | None = None) -> "WeaviateStore":
         import weaviate
         from weaviate.classes.init import Auth
 
@@ -119,7 +147,7 @@ class WeaviateStore:
             grpc_secure=secure,
             auth_credentials=Auth.api_key(api_key) if api_key else None,
         )
-        return cls(client, hybrid_candidates=hybrid_candidates)
+        return cls(client, hybrid_candidates=hybrid_candidates, ann_min_chunks=ann_min_chunks, vector_index=vector_index)
 
     def _ensure_specs_collection(self) -> None:
         from weaviate.classes.config import Configure, DataType, Property
@@ -143,17 +171,31 @@ class WeaviateStore:
         return self._client.collections.get(weaviate_collection_name(name)).with_tenant(tenant)
 
     def _ensure_data_collection(self, tenant: str, spec: CollectionSpec) -> None:
-        from weaviate.classes.config import Configure, DataType, Property, Tokenization, VectorDistances
+        from weaviate.classes.config import DataType, Property
         from weaviate.classes.tenants import Tenant
 
         wanted = {property_name(k, t): getattr(DataType, _DATA_TYPES[t]) for k, t in spec.fields.items()}
         name = weaviate_collection_name(spec.name)
         if not self._client.collections.exists(name):
+            self._create_data_collection(name)
+        collection = self._client.collections.get(name)
+        existing = {p.name for p in collection.config.get().properties}
+        for prop, data_type in wanted.items():
+            if prop not in existing:
+                collection.config.add_property(Property(name=prop, data_type=data_type))
+        if not collection.tenants.exists(tenant):
+            collection.tenants.create([Tenant(name=tenant)])
+
+    def _create_data_collection(self, name: str) -> None:
+        from weaviate.classes.config import Configure, DataType, Property, Tokenization
+        from weaviate.exceptions import UnexpectedStatusCodeError
+
+        def create(kind: str) -> None:
             self._client.collections.create(
                 name,
                 multi_tenancy_config=Configure.multi_tenancy(enabled=True),
                 vector_config=Configure.Vectors.self_provided(
-                    vector_index_config=Configure.VectorIndex.hnsw(distance_metric=VectorDistances.COSINE)
+                    vector_index_config=vector_index_config(kind, self._ann_min_chunks)
                 ),
                 properties=[
                     Property(name="chunk_id", data_type=DataType.TEXT, tokenization=Tokenization.FIELD),
@@ -163,13 +205,27 @@ class WeaviateStore:
                     Property(name="content_hash", data_type=DataType.TEXT, tokenization=Tokenization.FIELD),
                 ],
             )
-        collection = self._client.collections.get(name)
-        existing = {p.name for p in collection.config.get().properties}
-        for prop, data_type in wanted.items():
-            if prop not in existing:
-                collection.config.add_property(Property(name=prop, data_type=data_type))
-        if not collection.tenants.exists(tenant):
-            collection.tenants.create([Tenant(name=tenant)])
+
+        try:
+            create(self._vector_index)
+        except UnexpectedStatusCodeError as exc:
+            if self._vector_index != "dynamic" or "async" not in str(exc).lower():
+                raise
+            create("hnsw")  # the server runs without ASYNC_INDEXING: index on write instead
+
+    def index_status(self, tenant: str, name: str) -> dict:
+        """The tenant's shard: objects, vectors still queued for the index, and the indexing state."""
+        shards = [
+            shard
+            for node in self._client.cluster.nodes(collection=weaviate_collection_name(name), output="verbose")
+            for shard in (node.shards or [])
+            if shard.name == tenant
+        ]
+        return {
+            "rows": sum(s.object_count for s in shards),
+            "vector_unindexed": sum(s.vector_queue_length for s in shards),
+            "running": "indexing" if any(s.vector_indexing_status == "INDEXING" for s in shards) else None,
+        }
 
     # ---- collections --------------------------------------------------------------------------
     def create_collection(self, tenant: str, spec: CollectionSpec) -> CollectionSpec:
@@ -220,7 +276,7 @@ class WeaviateStore:
 
         data = self._data(tenant, spec.name)
         objects = [
-            DataObject(properties=chunk_properties(c, spec), uuid=chunk_uuid(c), vector=c.vector)
+            DataObject(properties=chunk_properties(c, spec), uuid=chunk_uuid(c), vector=[float(x) for x in c.vector])
             for d in documents
             for c in d.chunks
         ]
