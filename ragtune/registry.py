@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -22,9 +21,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ragtune.errors import InvalidArgument, NotFound
+from ragtune.naming import RESOURCE_NAME
 
 METADATA_FILE = "ragtune.json"
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _STAGING = ".staging"
 
 
@@ -46,9 +45,9 @@ def parse_adapter_ref(ref: str, field: str = "adapter") -> tuple[str, int | None
     if not ref:
         raise InvalidArgument(field, "must not be empty")
     parts = ref.split("/")
-    if len(parts) > 2 or not _NAME_RE.match(parts[0]):
+    if len(parts) > 2 or not RESOURCE_NAME.matches(parts[0]):
         raise InvalidArgument(
-            field, f"{ref!r} is not '<name>' or '<name>/<version>' (name: a letter, then letters, digits, '_' or '-')"
+            field, f"{ref!r} is not '<name>' or '<name>/<version>' (name: {RESOURCE_NAME.description})"
         )
     if len(parts) == 1:
         return parts[0], None
@@ -72,9 +71,7 @@ def parse_served_ref(ref: str, field: str = "adapter") -> tuple[str, int | None,
 
 
 def validate_name(name: str, field: str = "name") -> str:
-    if not _NAME_RE.match(name or ""):
-        raise InvalidArgument(field, "must be a letter, then up to 63 letters, digits, '_' or '-'")
-    return name
+    return RESOURCE_NAME.check(name, field)
 
 
 class AdapterRegistry:
@@ -117,7 +114,7 @@ class AdapterRegistry:
             return []
         found = []
         for name_dir in sorted(tenant_dir.iterdir()):
-            if _NAME_RE.match(name_dir.name):
+            if RESOURCE_NAME.matches(name_dir.name):
                 for version in self.versions(tenant, name_dir.name):
                     found.append(self.get(tenant, f"{name_dir.name}/{version}"))
         return found

@@ -5,17 +5,16 @@ when, from what, to what and why, and a rollback returns to what the alias point
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select, update
 
+from ragtune.naming import ALIAS_NAME
 from ragtune.controlplane.database import Database
 from ragtune.controlplane.schema import adapter_alias_events, adapter_aliases
 from ragtune.errors import FailedPrecondition, InvalidArgument, NotFound
 
-ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MAX_TARGETS = 2  # one version, or a canary between two
 
 
@@ -53,9 +52,7 @@ class AliasEvent:
 
 
 def validate_alias(alias: str, field: str = "alias") -> str:
-    if not ALIAS_RE.match(alias or ""):
-        raise InvalidArgument(field, "must be a lowercase letter, then up to 31 lowercase letters, digits, '_' or '-'")
-    return alias
+    return ALIAS_NAME.check(alias, field)
 
 
 def validate_targets(targets: list[Target], field: str = "targets") -> tuple[Target, ...]:

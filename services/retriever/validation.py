@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from datetime import datetime, timezone
 
 from ragtune.errors import FieldViolation, InvalidArgument
+from ragtune.naming import FIELD_NAME, RESOURCE_NAME
 from ragtune.v1 import common_pb2, retriever_pb2
 from services.retriever.domain import (
     DEFAULT_CHUNK_TOKENS,
@@ -27,8 +27,6 @@ from services.retriever.domain import (
 )
 from services.retriever.settings import RetrieverSettings
 
-COLLECTION_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-FIELD_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 MAX_DOCUMENT_ID_CHARS = 256
 MAX_METADATA_FIELDS = 64
 MAX_FILTER_DEPTH = 8
@@ -55,16 +53,14 @@ def _raise_if(violations: list[FieldViolation]) -> None:
 
 
 def collection_name(name: str, field: str) -> str:
-    if not COLLECTION_NAME_RE.match(name):
-        raise InvalidArgument(field, "must be a letter, then letters, digits, '_' or '-' (at most 64 characters)")
-    return name
+    return RESOURCE_NAME.check(name, field)
 
 
 def collection_spec(proto: retriever_pb2.Collection) -> CollectionSpec:
     """A CreateCollection request's collection, defaults filled in."""
     bad: list[FieldViolation] = []
-    if not COLLECTION_NAME_RE.match(proto.name):
-        bad.append(FieldViolation("collection.name", "must be a letter, then letters, digits, '_' or '-' (at most 64)"))
+    if violation := RESOURCE_NAME.violation(proto.name, "collection.name"):
+        bad.append(violation)
     chunk_tokens = proto.chunking.chunk_tokens or DEFAULT_CHUNK_TOKENS
     overlap = proto.chunking.overlap_tokens or min(DEFAULT_OVERLAP_TOKENS, chunk_tokens // 5)
     if not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
@@ -76,8 +72,8 @@ def collection_spec(proto: retriever_pb2.Collection) -> CollectionSpec:
         bad.append(FieldViolation("collection.metadata_fields", f"at most {MAX_METADATA_FIELDS} fields"))
     for i, f in enumerate(proto.metadata_fields):
         path = f"collection.metadata_fields[{i}]"
-        if not FIELD_NAME_RE.match(f.name):
-            bad.append(FieldViolation(f"{path}.name", "must be a letter, then letters, digits or '_' (at most 64)"))
+        if violation := FIELD_NAME.violation(f.name, f"{path}.name"):
+            bad.append(violation)
         elif f.name in fields:
             bad.append(FieldViolation(f"{path}.name", f"duplicate field {f.name!r}"))
         if f.type not in _TYPES:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ragtune.naming import DATASET_NAME
 from ragtune.controlplane.datasets import DatasetRecords
 from ragtune.errors import InvalidArgument, NotFound, ResourceExhausted
 
-_DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -26,9 +25,7 @@ class DatasetInfo:
 
 
 def validate_dataset_name(name: str, field: str = "name") -> str:
-    if not _DATASET_NAME_RE.match(name or ""):
-        raise InvalidArgument(field, "must be a letter or digit, then up to 127 letters, digits, '_', '-' or '.'")
-    return name
+    return DATASET_NAME.check(name, field)
 
 
 def file_digest(path: Path) -> tuple[str, int]:

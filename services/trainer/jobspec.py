@@ -4,12 +4,12 @@ request, e.g. spec.hyperparameters.learning_rate), then defaults are applied int
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from ragtune.naming import RESOURCE_NAME
 from ragtune.errors import FieldViolation, InvalidArgument
 
 METHODS = ("lora", "selective", "ia3", "prompt_tuning", "dpo")
@@ -22,7 +22,6 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEFAULT_LEARNING_RATE = {"lora": 2e-4, "selective": 2e-5, "ia3": 3e-3, "prompt_tuning": 3e-2, "dpo": 5e-5}
 # Hyperparameters that mean something for one method only.
 ONLY_FOR = {"selective_top_layers": "selective", "num_virtual_tokens": "prompt_tuning", "dpo_beta": "dpo"}
-_ADAPTER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 # -- the resolved spec: what the runner trains (stored with the job as a dict) -------------------
@@ -187,8 +186,8 @@ class _SpecModel(BaseModel):
     @field_validator("adapter_name")
     @classmethod
     def _adapter_name(cls, name: str) -> str:
-        if not _ADAPTER_NAME_RE.match(name):
-            raise ValueError("must be a letter, then up to 63 letters, digits, '_' or '-'")
+        if not RESOURCE_NAME.matches(name):
+            raise ValueError(f"must be {RESOURCE_NAME.description}")
         return name
 
     @field_validator("dataset")
