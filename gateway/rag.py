@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator
 
 from ragtune.errors import FieldViolation, InvalidArgument
 from ragtune.v1 import common_pb2, gateway_pb2, generator_pb2, retriever_pb2
+from gateway.attribution import attribute
 from gateway.downstream import CallBudget, Downstream
+from gateway.evidence import first_sentence_end
 from gateway.prompting import (
+    ABSTENTION,
+    ANSWER_STOP,
     ContextPassage,
     build_messages,
     cited_numbers,
     fit_passages,
     inferred_citations,
     prompt_skeleton_tokens,
+    render_passage,
 )
+from gateway.selection import Selection, about_the_question, select_passages
 
 MAX_QUESTION_CHARS = 8000
 # Tokens kept free besides the answer: the chat template's own tokens vary slightly by message.
@@ -66,16 +75,47 @@ def _citation(p: ContextPassage, inferred: bool = False) -> gateway_pb2.Citation
     )
 
 
+@dataclass(frozen=True)
+class AnswerOptions:
+    """How Ask turns retrieved chunks into an answer (the gateway's answer settings; each field is a
+    lever bench/answers_bench.py measures)."""
+
+    selection: Selection = field(default_factory=Selection)
+    candidate_factor: int = 2  # chunks asked of the retriever per passage kept: room to rerank and dedupe
+    mode: int = retriever_pb2.SEARCH_MODE_UNSPECIFIED  # when the request sets none (retriever default: hybrid)
+    alpha: float | None = None  # hybrid weight when the request sets none (None: the retriever's default)
+    abstain: bool = True  # answer ABSTENTION, not the model's answer, when nothing retrieved is about the question
+    # (base model only: an adapter may have been fine-tuned on the answer)
+    attribution: str = "sentence"  # "sentence" (gateway.attribution) or "overlap" (the earlier word overlap)
+    legacy_prompt: bool = False
+    stop: tuple[str, ...] = ANSWER_STOP  # stop strings for answers from context, unless the request sets some
+    one_sentence: bool = False  # end an answer from context after its first sentence (the gateway stops it)
+
+    @classmethod
+    def from_settings(cls, s) -> "AnswerOptions":
+        return cls(
+            selection=Selection(
+                top_k=s.default_top_k, trim=s.answer_max_sentences > 0, max_sentences=max(1, s.answer_max_sentences),
+                max_words=s.answer_max_words, rerank=s.answer_rerank, dedupe=s.answer_dedupe,
+                drop_unrelated=s.answer_drop_unrelated, min_share=s.answer_min_share,
+            ),
+            candidate_factor=s.answer_candidate_factor, mode=retriever_pb2.SearchMode.Value(s.answer_mode),
+            alpha=s.answer_alpha, abstain=s.answer_abstain, attribution=s.answer_attribution,
+            stop=tuple(s.answer_stop), one_sentence=s.answer_one_sentence,
+        )
+
+
 class AskPipeline:
     """One RAG request end to end; Ask aggregates the same stream AskStream sends."""
 
     def __init__(self, downstream: Downstream, count_tokens: TokenCounter, *, default_top_k: int,
-                 max_top_k: int, default_max_tokens: int):
+                 max_top_k: int, default_max_tokens: int, options: AnswerOptions | None = None):
         self._down = downstream
         self._count = count_tokens
         self._default_top_k = default_top_k
         self._max_top_k = max_top_k
         self._default_max_tokens = default_max_tokens
+        self._options = options or AnswerOptions()
         self._context_window: int | None = None
         self._skeleton_tokens = prompt_skeleton_tokens(count_tokens.messages, count_tokens.text)
 
@@ -88,12 +128,16 @@ class AskPipeline:
             self._context_window = info.max_context_tokens
         return self._context_window
 
-    async def _retrieve(self, q: gateway_pb2.AskQuestion, budget: CallBudget) -> list[ContextPassage]:
+    async def _retrieve(self, q: gateway_pb2.AskQuestion, top_k: int, budget: CallBudget) -> list[ContextPassage]:
+        o = self._options
         request = retriever_pb2.SearchRequest(
-            collection=q.collection, query=q.question, mode=q.mode, top_k=q.top_k or self._default_top_k,
+            collection=q.collection, query=q.question, mode=q.mode or o.mode,
+            top_k=min(self._max_top_k, top_k * max(1, o.candidate_factor)),
         )
         if q.HasField("alpha"):
             request.alpha = q.alpha
+        elif o.alpha is not None:
+            request.alpha = o.alpha
         if q.HasField("filter"):
             request.filter.CopyFrom(q.filter)
         reply = await self._down.unary("retriever", self._down.retriever.Search, request, budget, idempotent=True)
@@ -102,30 +146,88 @@ class AskPipeline:
             for i, h in enumerate(reply.hits)
         ]
 
-    async def stream(self, q: gateway_pb2.AskQuestion, budget: CallBudget) -> AsyncIterator[gateway_pb2.AskStreamResponse]:
-        validate_question(q, self._max_top_k)
-        started = time.perf_counter()
+    def _fit(self, question: str, passages: list[ContextPassage], budget_tokens: int) -> list[ContextPassage]:
+        """The passages that fit the window. A byte-level BPE token covers at least one byte, so when the
+        bytes fit, the tokens do: the tokenizer is only needed for prompts near the window."""
+        rendered = sum(len(render_passage(p).encode()) + 2 for p in passages)
+        if self._skeleton_tokens + len(question.encode()) + 2 + rendered <= budget_tokens:
+            return passages
+        return fit_passages(question, passages, self._count.texts, self._skeleton_tokens, budget_tokens)
+
+    def _sampling(self, q: gateway_pb2.AskQuestion) -> common_pb2.SamplingParams:
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(q.sampling)
         if not sampling.HasField("temperature"):
             sampling.temperature = 0.0  # answers are greedy unless the client asks otherwise
         if not sampling.HasField("max_tokens"):
             sampling.max_tokens = self._default_max_tokens
+        if self._short_answer(q, sampling) and not sampling.stop:
+            sampling.stop.extend(self._options.stop)
+        return sampling
+
+    def _short_answer(self, q: gateway_pb2.AskQuestion, sampling: common_pb2.SamplingParams) -> bool:
+        """Answers from context are one sentence (stop strings, the first-sentence cut) unless the request
+        asks for more tokens than the default answer length: then it wants a longer text."""
+        return not q.no_retrieval and sampling.max_tokens <= self._default_max_tokens
+
+    async def _check(self, q: gateway_pb2.AskQuestion, sampling: common_pb2.SamplingParams,
+                     budget: CallBudget) -> None:
+        """Has the generator check a request the gateway answers itself (one token of the bare question),
+        so bad sampling parameters or adapters are refused the same way whether or not it abstains."""
+        probe = common_pb2.SamplingParams()
+        probe.CopyFrom(sampling)
+        probe.max_tokens = 1
+        await self._down.unary("generator", self._down.generator.Generate, generator_pb2.GenerateRequest(
+            input=generator_pb2.GenerationInput(chat=generator_pb2.ChatMessages(
+                messages=[common_pb2.ChatMessage(role="user", content=q.question)])),
+            sampling=probe, adapter=q.adapter), budget)
+
+    def _citations(self, answer: str, question: str, passages: list[ContextPassage]) -> list[gateway_pb2.Citation]:
+        marked = cited_numbers(answer, len(passages))
+        if self._options.attribution == "sentence":
+            found = attribute(answer, question, passages, marked)
+            numbers, inferred = found.numbers, found.inferred
+        else:
+            inferred = not marked
+            numbers = inferred_citations(answer, passages) if inferred else marked
+        by_number = {p.number: p for p in passages}
+        return [_citation(by_number[n], inferred) for n in numbers]
+
+    async def stream(self, q: gateway_pb2.AskQuestion,
+                     budget: CallBudget) -> AsyncIterator[gateway_pb2.AskStreamResponse]:
+        validate_question(q, self._max_top_k)
+        started = time.perf_counter()
+        sampling = self._sampling(q)
 
         passages: list[ContextPassage] = []
         retrieval_s = 0.0
+        context_event = None
         if not q.no_retrieval:
             t0 = time.perf_counter()
-            found = await self._retrieve(q, budget)
+            top_k = q.top_k or self._default_top_k
+            found = await self._retrieve(q, top_k, budget)
             window = await self._window(budget)
             retrieval_s = time.perf_counter() - t0
-            passages = fit_passages(
-                q.question, found, self._count.texts, self._skeleton_tokens,
-                window - sampling.max_tokens - _WINDOW_MARGIN,
-            )
-            yield gateway_pb2.AskStreamResponse(context=gateway_pb2.AskContext(context=[_citation(p) for p in passages]))
+            o = self._options
+            # An adapter may know the answer itself (fine-tuned on it), and must still be checked by the
+            # generator: abstaining without generating is for the base model.
+            abstain = o.abstain and not q.adapter
+            if not (abstain and not about_the_question(q.question, found)):
+                chosen = select_passages(q.question, found, replace(o.selection, top_k=top_k))
+                passages = self._fit(q.question, chosen, window - sampling.max_tokens - _WINDOW_MARGIN)
+            context_event = gateway_pb2.AskStreamResponse(
+                context=gateway_pb2.AskContext(context=[_citation(p) for p in passages]))
+            if not passages and abstain:
+                # Nothing retrieved is about the question: say so rather than let the model invent an answer.
+                t0 = time.perf_counter()
+                await self._check(q, sampling, budget)
+                yield context_event
+                yield gateway_pb2.AskStreamResponse(delta=ABSTENTION)
+                done = _done([], None, started, retrieval_s, time.perf_counter() - t0, time.perf_counter())
+                yield gateway_pb2.AskStreamResponse(done=done)
+                return
 
-        messages = build_messages(q.question, passages)
+        messages = build_messages(q.question, passages, legacy=self._options.legacy_prompt)
         request = generator_pb2.GenerateStreamRequest(
             input=generator_pb2.GenerationInput(
                 chat=generator_pb2.ChatMessages(messages=[common_pb2.ChatMessage(**m) for m in messages])
@@ -133,40 +235,58 @@ class AskPipeline:
             sampling=sampling,
             adapter=q.adapter,
         )
-        gen_started = time.perf_counter()
-        first_token_at = None
-        answer: list[str] = []
-        final = None
-        async for part in self._down.stream_out("generator", self._down.generator.GenerateStream, request, budget):
-            if part.delta:
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                answer.append(part.delta)
-                yield gateway_pb2.AskStreamResponse(delta=part.delta)
-            if part.finish_reason:
-                final = part
-        generation_s = time.perf_counter() - gen_started
+        one_sentence = self._options.one_sentence and bool(passages) and self._short_answer(q, sampling)
+        gen = _Generation(one_sentence=one_sentence)
+        async for event in self._generate(request, context_event, gen, budget):
+            yield event
+        generation_s = time.perf_counter() - gen.started
+        citations = self._citations(gen.text, q.question, passages) if passages else []
+        yield gateway_pb2.AskStreamResponse(done=_done(
+            citations, gen.final, started, retrieval_s, generation_s, gen.first_token_at or time.perf_counter()))
 
-        text = "".join(answer)
-        numbers = cited_numbers(text, len(passages))
-        inferred = not numbers
-        if inferred:
-            numbers = inferred_citations(text, passages)
-        by_number = {p.number: p for p in passages}
-        total_s = time.perf_counter() - started
-        done = gateway_pb2.AskDone(
-            citations=[_citation(by_number[n], inferred) for n in numbers],
-            finish_reason=final.finish_reason if final else common_pb2.FINISH_REASON_UNSPECIFIED,
-            usage=final.usage if final else None,
-            timing=gateway_pb2.Timing(
-                retrieval_ms=retrieval_s * 1000,
-                generation_ms=generation_s * 1000,
-                time_to_first_token_ms=((first_token_at or time.perf_counter()) - started) * 1000,
-                total_ms=total_s * 1000,
-                gateway_overhead_ms=max(0.0, (total_s - retrieval_s - generation_s) * 1000),
-            ),
-        )
-        yield gateway_pb2.AskStreamResponse(done=done)
+    async def _generate(self, request: generator_pb2.GenerateStreamRequest, first_event, gen: "_Generation",
+                        budget: CallBudget) -> AsyncIterator[gateway_pb2.AskStreamResponse]:
+        """Streams the generator's answer as delta events, after `first_event` (the context) if any."""
+        gen.started = time.perf_counter()
+        parts = self._down.stream_out("generator", self._down.generator.GenerateStream, request, budget)
+        async with contextlib.aclosing(parts):  # leaving early cancels the generator's work at once
+            # The call starts before the context event is sent, so sending it overlaps the generator's prefill.
+            pending = asyncio.ensure_future(anext(parts, None))
+            try:
+                if first_event is not None:
+                    yield first_event
+                part = await pending
+            finally:
+                if not pending.done():
+                    pending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await pending
+            while part is not None:
+                delta, ended = part.delta, False
+                if delta and gen.one_sentence:
+                    end = first_sentence_end(gen.text + delta, len(gen.text))
+                    if end is not None:
+                        # One sentence was asked for; small models keep going. Stop here, not at max_tokens.
+                        delta, ended = (gen.text + delta)[len(gen.text):end], True
+                gen.deltas += 1
+                if delta:
+                    if gen.first_token_at is None:
+                        gen.first_token_at = time.perf_counter()
+                    gen.text += delta
+                    yield gateway_pb2.AskStreamResponse(delta=delta)
+                if ended:
+                    gen.final = generator_pb2.GenerateStreamResponse(
+                        finish_reason=common_pb2.FINISH_REASON_STOP, usage=part.usage, adapter=part.adapter)
+                    if not part.HasField("usage"):
+                        # The generator reports usage (and the adapter version) with its last message only,
+                        # which a cut never reads: count the tokens here; the version stays unknown.
+                        gen.final.usage.prompt_tokens = self._count.messages(
+                            [{"role": m.role, "content": m.content} for m in request.input.chat.messages])
+                        gen.final.usage.completion_tokens = gen.deltas
+                    return
+                if part.finish_reason:
+                    gen.final = part
+                part = await anext(parts, None)
 
     async def ask(self, q: gateway_pb2.AskQuestion, budget: CallBudget) -> gateway_pb2.AskResponse:
         response = gateway_pb2.AskResponse()
@@ -182,5 +302,36 @@ class AskPipeline:
                 response.finish_reason = event.done.finish_reason
                 response.usage.CopyFrom(event.done.usage)
                 response.timing.CopyFrom(event.done.timing)
+                response.adapter = event.done.adapter
         response.answer = "".join(parts)
         return response
+
+
+@dataclass
+class _Generation:
+    """What one generation produced, filled in as it streams."""
+
+    one_sentence: bool
+    started: float = 0.0
+    first_token_at: float | None = None
+    text: str = ""
+    deltas: int = 0  # messages read (a token each, as the engine streams them)
+    final: generator_pb2.GenerateStreamResponse | None = None
+
+
+def _done(citations: list[gateway_pb2.Citation], final, started: float, retrieval_s: float, generation_s: float,
+          first_token_at: float) -> gateway_pb2.AskDone:
+    total_s = time.perf_counter() - started
+    return gateway_pb2.AskDone(
+        citations=citations,
+        finish_reason=final.finish_reason if final else common_pb2.FINISH_REASON_STOP,
+        usage=final.usage if final else None,
+        adapter=final.adapter if final else "",
+        timing=gateway_pb2.Timing(
+            retrieval_ms=retrieval_s * 1000,
+            generation_ms=generation_s * 1000,
+            time_to_first_token_ms=(first_token_at - started) * 1000,
+            total_ms=total_s * 1000,
+            gateway_overhead_ms=max(0.0, (total_s - retrieval_s - generation_s) * 1000),
+        ),
+    )

@@ -25,7 +25,7 @@ from gateway.evaluation.promotion import Promotion
 from gateway.evaluation.service import EvaluationService
 from gateway.evaluation.spec import validate_gate
 from gateway.evaluation.worker import EvaluationWorker
-from gateway.rag import AskPipeline, TokenCounter
+from gateway.rag import AnswerOptions, AskPipeline, TokenCounter
 from gateway.settings import GatewaySettings
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -41,6 +41,7 @@ _FORWARDS: dict[str, tuple[str, str, Scope, bool]] = {
     "DeleteDocuments": ("retriever", "DeleteDocuments", Scope.INGEST, False),
     "Search": ("retriever", "Search", Scope.READ, True),
     "GetCollectionStats": ("retriever", "GetCollectionStats", Scope.READ, True),
+    "Embed": ("retriever", "Embed", Scope.READ, True),
     "GetJob": ("trainer", "GetJob", Scope.READ, True),
     "ListJobs": ("trainer", "ListJobs", Scope.READ, True),
     "CancelJob": ("trainer", "CancelJob", Scope.TRAIN, False),
@@ -261,7 +262,7 @@ class GatewayService:
         )
         pipeline = AskPipeline(
             self.downstream, counter, default_top_k=s.default_top_k, max_top_k=s.max_top_k,
-            default_max_tokens=s.default_max_tokens,
+            default_max_tokens=s.default_max_tokens, options=AnswerOptions.from_settings(s),
         )
         store = EvaluationStore(self.database)
         if s.evaluation_workers:

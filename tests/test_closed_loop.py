@@ -1,11 +1,14 @@
 """The closed loop through the real gateway, trainer and generator: a gated job whose adapter beats
-what the alias serves is promoted and served as "<name>@prod" by the generator without a load
-call; a job that does not beat it is held back and the alias stays; rollback restores the
-previous version; every move is audited; another tenant can neither read nor move the alias."""
+what the alias serves is promoted and served as "<name>@prod" by a second generator replica (its own
+process, which never saw the adapter) without a load call; a job that does not beat it is held back
+and the alias stays; moving the alias reaches that replica within its refresh bound; rollback restores
+the previous version; every move is audited; another tenant can neither read nor move the alias."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import grpc
 import pytest
@@ -14,7 +17,7 @@ from ragtune.controlplane.api_keys import new_key_entry
 from ragtune.tenancy import tenant_metadata
 from ragtune.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc
 from ragtune.v1 import trainer_pb2 as pb
-from tests.grpc_support import InProcessServer
+from tests.grpc_support import InProcessServer, free_port, start_service_process, wait_serving
 from tests.test_trainer import as_jsonl, jeopardy, prompt_completion
 
 pytestmark = pytest.mark.slow
@@ -22,7 +25,25 @@ TENANT, MARKER, ADAPTER = "loop", "Ahoy", "pirate-gated"
 
 
 @pytest.fixture(scope="module")
-def loop(generator_server):
+def replica(tmp_path_factory):
+    """A second generator replica, its own process on the same registry and control plane (the test
+    session's RAGTUNE_HOME), started first so its engine warms up while the first job trains."""
+    port = free_port()
+    env = {
+        "RAGTUNE_GENERATOR_PORT": str(port), "RAGTUNE_HOME": os.environ["RAGTUNE_HOME"],
+        "RAGTUNE_GENERATOR_KV_CACHE_SPACE_GIB": "1", "RAGTUNE_GENERATOR_MAX_NUM_SEQS": "2",
+        "RAGTUNE_GENERATOR_ALIAS_REFRESH_S": "1",
+    }
+    proc = start_service_process("services.generator", env, tmp_path_factory.mktemp("replica") / "generator.log")
+    try:
+        yield f"127.0.0.1:{port}", proc
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def loop(generator_server, replica):
     from gateway.server import GatewayService
     from gateway.settings import GatewaySettings
     from services.trainer.server import TrainerService
@@ -81,8 +102,9 @@ def _served(generator_address: str, adapter: str) -> generator_pb2.GenerateStrea
 
 
 @pytest.mark.timeout(1800)  # two real training runs and two gate evaluations on 2 CPU cores
-def test_a_gate_promotes_a_better_adapter_and_holds_back_one_that_is_not(loop, generator_server):
+def test_a_gate_promotes_a_better_adapter_and_holds_back_one_that_is_not(loop, replica):
     stub, auth = loop
+    replica_address, replica_proc = replica
     admin = auth["admin"]
     with pytest.raises(grpc.RpcError) as err:  # a bad gate is refused before anything trains
         stub.CreateJob(gateway_pb2.GatewayServiceCreateJobRequest(request=pb.CreateJobRequest(spec=pb.JobSpec(
@@ -103,7 +125,9 @@ def test_a_gate_promotes_a_better_adapter_and_holds_back_one_that_is_not(loop, g
     prod = _alias(stub, admin)
     assert [(t.version, t.weight) for t in prod.alias.targets] == [(1, 100)]
     assert [(e.action, e.actor) for e in prod.history] == [("promote", f"gate:{first.id}")]
-    parts, text = _served(generator_server.address, f"{ADAPTER}@prod")  # no load call was made for it
+    # The second replica never loaded this adapter and gets no load call: it resolves the alias itself.
+    wait_serving(replica_address, timeout=900, proc=replica_proc)
+    parts, text = _served(replica_address, f"{ADAPTER}@prod")
     assert parts[-1].adapter == f"{ADAPTER}/1" and text.startswith(MARKER), text
     report = stub.GetEvaluation(gateway_pb2.GetEvaluationRequest(id=v.evaluation_id, include_report=True),
                                 metadata=admin, timeout=30)
@@ -122,17 +146,35 @@ def test_a_gate_promotes_a_better_adapter_and_holds_back_one_that_is_not(loop, g
         (ADAPTER, 1): ["prod"], (ADAPTER, 2): []}
 
 
-def test_rollback_restores_the_previous_version_and_tenants_stay_apart(loop):
+def _served_version(address: str, bound_s: float, expected: str) -> tuple[str, float]:
+    """The version the replica serves for <name>@prod, polled until it is `expected` or bound_s passed."""
+    started = time.monotonic()
+    while True:
+        adapter = _served(address, f"{ADAPTER}@prod")[0][-1].adapter
+        waited = time.monotonic() - started
+        if adapter == expected or waited > bound_s:
+            return adapter, waited
+        time.sleep(0.2)
+
+
+def test_rollback_restores_the_previous_version_and_tenants_stay_apart(loop, replica):
     stub, auth = loop
     admin = auth["admin"]
+    replica_address, replica_proc = replica
+    wait_serving(replica_address, timeout=900, proc=replica_proc)
     moved = stub.SetAdapterAlias(gateway_pb2.GatewayServiceSetAdapterAliasRequest(request=pb.SetAdapterAliasRequest(
         adapter=ADAPTER, alias="prod", targets=[pb.AliasTarget(version=2)], reason="manual release")),
         metadata=admin, timeout=30).response.alias
     assert [t.version for t in moved.targets] == [2]
+    # RAGTUNE_GENERATOR_ALIAS_REFRESH_S=1 on the replica: it serves the new target within about a second
+    # (plus one generation), without a restart or a load call.
+    served, waited = _served_version(replica_address, 10, f"{ADAPTER}/2")
+    assert served == f"{ADAPTER}/2", f"still {served} after {waited:.1f} s"
     back = stub.RollbackAdapterAlias(gateway_pb2.GatewayServiceRollbackAdapterAliasRequest(
         request=pb.RollbackAdapterAliasRequest(adapter=ADAPTER, alias="prod", reason="regression")),
         metadata=admin, timeout=30).response.alias
     assert [t.version for t in back.targets] == [1] and back.revision == moved.revision + 1
+    assert _served_version(replica_address, 10, f"{ADAPTER}/1")[0] == f"{ADAPTER}/1"
     history = _alias(stub, admin).history
     assert [e.action for e in history][-2:] == ["set", "rollback"]
     assert history[-1].actor.startswith("key-") and history[-1].reason == "regression"
