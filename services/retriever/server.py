@@ -9,7 +9,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from ragtune.errors import InvalidArgument, Unavailable
+from ragtune.errors import InvalidArgument
 from ragtune.models import EMBEDDING_MODEL_NAME, embedding_model_path
 from ragtune.tenancy import tenant_of
 from ragtune.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
@@ -95,8 +95,8 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
 
     @property
     def _core(self) -> Retriever:
-        if self._service.retriever is None:
-            raise Unavailable("the retriever is starting or stopping")
+        # Built in start() before health turns SERVING, released in stop() after the server has stopped:
+        # ServiceHost's readiness gate answers UNAVAILABLE to calls outside that window.
         return self._service.retriever
 
     async def CreateCollection(self, request, context):
