@@ -13,21 +13,9 @@ from pathlib import Path
 from typing import AsyncIterator, Protocol
 
 from ragtune.errors import Unavailable
+from services.generator.domain import Chunk, Sampling
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Validated sampling parameters (see sampling.py for the defaults and bounds)."""
-
-    temperature: float
-    top_p: float
-    top_k: int
-    max_tokens: int
-    stop: tuple[str, ...]
-    seed: int | None
-    repetition_penalty: float
 
 
 @dataclass(frozen=True)
@@ -37,15 +25,6 @@ class LoraHandle:
     lora_id: int
     name: str
     path: Path
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Text and token count generated since the previous chunk; finish_reason set on the last one."""
-
-    text: str
-    tokens: int
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
 
 
 @dataclass(frozen=True)
@@ -199,20 +178,17 @@ class VllmEngine:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, lora: LoraHandle | None
     ) -> AsyncIterator[Chunk]:
-        from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
-        from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens,
-            stop=list(sampling.stop) or None,
-            seed=sampling.seed,
-            repetition_penalty=sampling.repetition_penalty,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        from services.generator.vllm_params import chunks_of, engine_rejection, vllm_sampling_params
+
+        try:
+            params = vllm_sampling_params(sampling)
+        except Exception as exc:  # vLLM's own checks of the parameters: the client's mistake where it says so
+            rejection = engine_rejection(exc, sampling)
+            if rejection is not None:
+                raise rejection from exc
+            raise
         lora_request = (
             LoRARequest(lora_name=lora.name, lora_int_id=lora.lora_id, lora_path=str(lora.path)) if lora else None
         )
@@ -221,19 +197,25 @@ class VllmEngine:
         stream = self._llm.generate(
             {"prompt_token_ids": prompt_token_ids}, params, request_id, lora_request=lora_request
         )
+        started = False
         # aclosing: leaving early (cancellation, client gone) closes vLLM's generator, which aborts the request.
         try:
             async with contextlib.aclosing(stream):
                 async for output in stream:
+                    started = True
                     self._last_progress = time.monotonic()
-                    completion = output.outputs[0]
-                    yield Chunk(
-                        completion.text, len(completion.token_ids), completion.finish_reason if output.finished else None
-                    )
+                    # With n > 1 one output may carry deltas of several choices (vLLM merges what piled up).
+                    for chunk in chunks_of(output, sampling):
+                        yield chunk
         except Exception as exc:
             # A dead engine fails every request at once: tell the caller to go elsewhere (UNAVAILABLE).
             if self.errored or _is_engine_dead(exc):
                 raise Unavailable(ENGINE_DEAD) from exc
+            # vLLM checks a request (its structured-output constraint above all) as it admits it: what it
+            # refuses there is the client's mistake, not ours.
+            rejection = None if started else engine_rejection(exc, sampling)
+            if rejection is not None:
+                raise rejection from exc
             raise
 
     async def abort(self, request_id: str) -> None:

@@ -9,7 +9,7 @@ per request. The collector turns them into Prometheus series (k8s/base/otel-coll
 |---|---|---|
 | ragtune.generator.queue.depth | ragtune_generator_queue_depth | requests admitted but not in the running batch (waiting in vLLM's queue or being prepared) |
 | ragtune.generator.requests.running | ragtune_generator_requests_running | requests in the engine's running batch |
-| ragtune.generator.requests.in_flight | ragtune_generator_requests_in_flight | requests admitted (running + queued); the admission limit is max_num_seqs + max_waiting_requests |
+| ragtune.generator.requests.in_flight | ragtune_generator_requests_in_flight | requests admitted (running + queued); the admission limit is max_num_seqs + max_waiting_requests; a request with sampling.n = k counts k, as vLLM runs k sequences |
 | ragtune.generator.kv_cache.usage | ragtune_generator_kv_cache_usage | share of the KV cache in use, 0..1 |
 | ragtune.generator.engine.healthy | ragtune_generator_engine_healthy | 1 while the engine serves, 0 once it has errored or stopped |
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ragtune.errors import FieldViolation
-from ragtune.v1 import generator_pb2
+from services.generator.domain import GenerationInput
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -29,14 +29,13 @@ class PromptRenderer:
 
         return cls(AutoTokenizer.from_pretrained(str(model_dir)))
 
-    def check(self, message: generator_pb2.GenerationInput, field: str = "input") -> list[FieldViolation]:
+    def check(self, message: GenerationInput, field: str = "input") -> list[FieldViolation]:
         """Violations of the input's shape (cheap; no tokenization)."""
-        kind = message.WhichOneof("input")
-        if kind is None:
+        if (message.prompt is None) == (message.chat is None):
             return [FieldViolation(field, "set either chat or prompt")]
-        if kind == "prompt":
+        if message.prompt is not None:
             return [] if message.prompt else [FieldViolation(f"{field}.prompt", "must not be empty")]
-        messages = message.chat.messages
+        messages = message.chat
         if not messages:
             return [FieldViolation(f"{field}.chat.messages", "at least one message is required")]
         bad = []
@@ -49,11 +48,11 @@ class PromptRenderer:
                 )
         return bad
 
-    def render(self, message: generator_pb2.GenerationInput, field: str = "input") -> RenderedPrompt:
+    def render(self, message: GenerationInput, field: str = "input") -> RenderedPrompt:
         """Token ids of a checked input (blocking: call it off the event loop)."""
-        if message.WhichOneof("input") == "prompt":
+        if message.prompt is not None:
             return RenderedPrompt(self._tokenizer.encode(message.prompt), f"{field}.prompt")
-        conversation = [{"role": m.role, "content": m.content} for m in message.chat.messages]
+        conversation = [{"role": m.role, "content": m.content} for m in message.chat]
         text = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         # The template already writes the special tokens; adding them again would double the BOS.
         return RenderedPrompt(self._tokenizer.encode(text, add_special_tokens=False), f"{field}.chat.messages")

@@ -13,24 +13,19 @@ from ragtune.errors import Unavailable
 from ragtune.registry import AdapterRegistry
 from ragtune.server import ServiceHealth
 from ragtune.tenancy import tenant_of
-from ragtune.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+from ragtune.v1 import generator_pb2, generator_pb2_grpc
+from services.generator import convert
 from services.generator.adapters import AdapterCatalog, CatalogEntry
 from services.generator.aliases import AliasResolver
 from services.generator import metrics as generator_metrics
 from services.generator.engine import ENGINE_DEAD, VllmEngine
-from services.generator.generation import GenerationStream, Generator
+from services.generator.core import GenerationStream, Generator
 from services.generator.prompts import PromptRenderer
 from services.generator.settings import GeneratorSettings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
-
-_FINISH = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "abort": common_pb2.FINISH_REASON_ABORT,
-}
 
 
 def _adapter_message(entry: CatalogEntry) -> generator_pb2.LoadedAdapter:
@@ -40,10 +35,6 @@ def _adapter_message(entry: CatalogEntry) -> generator_pb2.LoadedAdapter:
         rank=entry.rank,
         base_model=str(entry.version.metadata.get("base_model", "")),
     )
-
-
-def _usage(stream: GenerationStream) -> common_pb2.TokenUsage:
-    return common_pb2.TokenUsage(prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens)
 
 
 def _answered_by(stream: GenerationStream) -> str:
@@ -66,28 +57,35 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             raise Unavailable("the generator is still starting")
         return self._service.generator
 
-    async def Generate(self, request, context):
-        stream = await self._core.open(tenant_of(context), request.input, request.sampling, request.adapter)
+    async def _open(self, request, context) -> GenerationStream:
+        stream = await self._core.open(
+            tenant_of(context),
+            convert.generation_input(request.input),
+            convert.sampling_request(request.sampling),
+            request.adapter,
+        )
         _close_when_done(stream, context)
+        return stream
+
+    async def Generate(self, request, context):
+        stream = await self._open(request, context)
         with self._service.per_version.measure(stream):
-            parts = [chunk.text async for chunk in stream.chunks()]
-        return generator_pb2.GenerateResponse(
-            text="".join(parts), finish_reason=_FINISH.get(stream.finish_reason, 0), usage=_usage(stream),
-            adapter=_answered_by(stream),
+            choices = await stream.collect()
+        return convert.generate_response(
+            choices, stream.prompt_tokens, stream.completion_tokens, _answered_by(stream)
         )
 
     async def GenerateStream(self, request, context):
-        stream = await self._core.open(tenant_of(context), request.input, request.sampling, request.adapter)
-        _close_when_done(stream, context)
+        # The proto's protocol: deltas naming their choice, a message with finish_reason ending each choice,
+        # and usage and adapter on the last message (with n = 1: deltas, then one final message).
+        stream = await self._open(request, context)
         with self._service.per_version.measure(stream):
             async for chunk in stream.chunks():
-                if chunk.finish_reason is None:
-                    yield generator_pb2.GenerateStreamResponse(delta=chunk.text)
-                else:
-                    yield generator_pb2.GenerateStreamResponse(
-                        delta=chunk.text, finish_reason=_FINISH.get(chunk.finish_reason, 0), usage=_usage(stream),
-                        adapter=_answered_by(stream),
-                    )
+                message = convert.stream_message(chunk)
+                if chunk.finish_reason is not None and stream.finished:
+                    message.usage.CopyFrom(convert.usage(stream.prompt_tokens, stream.completion_tokens))
+                    message.adapter = _answered_by(stream)
+                yield message
 
     async def LoadAdapter(self, request, context):
         entry = await self._core.catalog.load(tenant_of(context), request.name, "name")
@@ -182,6 +180,7 @@ class GeneratorService:
             max_in_flight=s.max_in_flight,
             default_temperature=s.default_temperature,
             default_max_tokens=s.default_max_tokens,
+            max_n=s.max_n,
         )
 
     async def stop(self) -> None:

@@ -53,6 +53,13 @@ class GeneratorSettings(ServiceSettings):
         256, ge=1, description="max_tokens when a request leaves it unset (capped by the context)."
     )
     default_temperature: float = Field(0.7, ge=0, le=2, description="temperature when a request leaves it unset.")
+    max_n: int = Field(
+        8,
+        ge=1,
+        le=128,
+        description="Most completions one request may ask for (sampling.n). vLLM runs each as a sequence of its"
+        " own, so a request with n = k counts k against max_num_seqs + max_waiting_requests.",
+    )
     engine_stall_timeout_s: float = Field(
         300.0,
         gt=0,

@@ -11,17 +11,21 @@ from typing import AsyncIterator
 
 from ragtune.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from ragtune.registry import parse_served_ref
-from ragtune.v1 import common_pb2, generator_pb2
 from services.generator.adapters import AdapterCatalog, CatalogEntry
 from services.generator.aliases import AliasResolver
-from services.generator.engine import Chunk, GenerationEngine, Sampling
+from services.generator.domain import ChoiceResult, GenerationInput, SamplingRequest
+from services.generator.domain import Chunk, Sampling
+from services.generator.engine import GenerationEngine
 from services.generator.prompts import PromptRenderer
 from services.generator.sampling import parse_sampling
 
 
 class GenerationStream:
-    """A request admitted and submitted: iterate `chunks()`; `close()` (idempotent) aborts it in the
-    engine if it is still running and gives back its admission slot and adapter."""
+    """A request admitted and submitted: iterate `chunks()` (or await `collect()`); `close()` (idempotent)
+    aborts it in the engine if it is still running and gives back its admission slots and adapter.
+
+    With sampling.n > 1 the chunks of the choices interleave, each naming its `index`; the request is
+    finished once every choice has its finish_reason."""
 
     def __init__(
         self,
@@ -37,9 +41,21 @@ class GenerationStream:
         self.sampling = sampling
         self.adapter = adapter
         self.prompt_tokens = len(prompt_ids)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
+        self.completion_tokens = 0  # summed over the choices
+        self.finish_reasons: dict[int, str] = {}  # choice index -> its finish reason, once it has one
+        # vLLM runs each choice as a sequence of its own: admission counts sequences, not requests.
+        self.slots = sampling.n
         self._closed = False
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The first choice's finish reason (None while it runs)."""
+        return self.finish_reasons.get(0)
+
+    @property
+    def finished(self) -> bool:
+        """Every choice has ended."""
+        return len(self.finish_reasons) >= self.sampling.n
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         engine = self._generator.engine
@@ -47,17 +63,32 @@ class GenerationStream:
         try:
             async for chunk in engine.generate(self.request_id, self._prompt_ids, self.sampling, lora):
                 self.completion_tokens += chunk.tokens
-                self.finish_reason = chunk.finish_reason or self.finish_reason
+                if chunk.finish_reason is not None:
+                    self.finish_reasons[chunk.index] = chunk.finish_reason
                 yield chunk
         finally:
             await self.close()
+
+    async def collect(self) -> list[ChoiceResult]:
+        """Runs the request to its end: every choice whole, in index order."""
+        choices = [ChoiceResult(index) for index in range(self.sampling.n)]
+        parts: list[list[str]] = [[] for _ in choices]
+        async for chunk in self.chunks():
+            choice = choices[chunk.index]
+            parts[chunk.index].append(chunk.text)
+            choice.tokens += chunk.tokens
+            choice.logprobs.extend(chunk.logprobs)
+            choice.finish_reason = chunk.finish_reason or choice.finish_reason
+        for choice, texts in zip(choices, parts):
+            choice.text = "".join(texts)
+        return choices
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            if self.finish_reason is None:
+            if not self.finished:
                 await self._generator.engine.abort(self.request_id)
         finally:
             await self._generator.release(self)
@@ -76,6 +107,7 @@ class Generator:
         max_in_flight: int,
         default_temperature: float,
         default_max_tokens: int,
+        max_n: int = 8,
     ):
         self.engine = engine
         self.renderer = renderer
@@ -84,15 +116,18 @@ class Generator:
         self.max_in_flight = max_in_flight
         self.default_temperature = default_temperature
         self.default_max_tokens = default_max_tokens
-        self.in_flight = 0
+        self.max_n = max_n
+        self.in_flight = 0  # admitted sequences (a request with sampling.n = k holds k)
         # One thread renders prompts: the tokenizer is not guaranteed thread-safe, and rendering is fast.
         self._render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-render")
 
     def _validate(
-        self, request_input: generator_pb2.GenerationInput, sampling_msg: common_pb2.SamplingParams, adapter_ref: str
+        self, request_input: GenerationInput, sampling_request: SamplingRequest, adapter_ref: str
     ) -> Sampling:
         bad: list[FieldViolation] = list(self.renderer.check(request_input))
-        sampling, sampling_bad = parse_sampling(sampling_msg, default_temperature=self.default_temperature)
+        sampling, sampling_bad = parse_sampling(
+            sampling_request, default_temperature=self.default_temperature, max_n=self.max_n
+        )
         bad.extend(sampling_bad)
         if adapter_ref:
             try:
@@ -124,18 +159,21 @@ class Generator:
     async def open(
         self,
         tenant: str,
-        request_input: generator_pb2.GenerationInput,
-        sampling_msg: common_pb2.SamplingParams,
+        request_input: GenerationInput,
+        sampling_request: SamplingRequest,
         adapter_ref: str,
     ) -> GenerationStream:
         """Checks everything a request can get wrong before the engine sees it, then admits it."""
-        sampling = self._validate(request_input, sampling_msg, adapter_ref)
-        if self.in_flight >= self.max_in_flight:
+        sampling = self._validate(request_input, sampling_request, adapter_ref)
+        slots = sampling.n
+        if self.in_flight + slots > self.max_in_flight:
+            counted = f"; this one counts {slots}, one per completion" if slots > 1 else ""
             raise ResourceExhausted(
-                f"the generator already holds {self.in_flight} requests (limit {self.max_in_flight}); retry later"
+                f"the generator already holds {self.in_flight} requests (limit {self.max_in_flight}{counted});"
+                " retry later"
             )
-        # Take the slot before the first await so concurrent requests are counted exactly.
-        self.in_flight += 1
+        # Take the slots before the first await so concurrent requests are counted exactly.
+        self.in_flight += slots
         adapter: CatalogEntry | None = None
         try:
             loop = asyncio.get_running_loop()
@@ -147,12 +185,12 @@ class Generator:
                     adapter_ref = await self.aliases.resolve(tenant, name, alias)
                 adapter = await self.catalog.acquire(tenant, adapter_ref, "adapter")
         except BaseException:
-            self.in_flight -= 1
+            self.in_flight -= slots
             raise
         return GenerationStream(self, uuid.uuid4().hex, rendered.token_ids, sampling, adapter)
 
     async def release(self, stream: GenerationStream) -> None:
-        self.in_flight -= 1
+        self.in_flight -= stream.slots
         if stream.adapter is not None:
             await self.catalog.release(stream.adapter)
 
