@@ -53,7 +53,7 @@ ARG TORCH_INDEX
 RUN python -m venv /opt/venv
 
 FROM venv-cpu AS venv-gateway
-ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings sqlalchemy alembic psycopg psycopg-binary transformers matplotlib"
+ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings sqlalchemy alembic psycopg psycopg-binary transformers matplotlib starlette uvicorn python-multipart"
 COPY docker/locks/venv-gateway.txt /tmp/lock.txt
 RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: -r /tmp/lock.txt
 
@@ -143,16 +143,16 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 # ---- the images --------------------------------------------------------------------------------
 
-# gateway: the public gRPC API (auth, tenants, RAG orchestration, evaluation reports); no torch,
-# only the base model's tokenizer, to count prompt tokens.
+# gateway: the public gRPC API (auth, tenants, RAG orchestration, evaluation reports) and the
+# OpenAI-compatible HTTP API (8080); no torch, only the base model's tokenizer, to count prompt tokens.
 FROM runtime-cpu AS gateway
 COPY --from=venv-gateway /opt/venv /opt/venv
 COPY --from=tokenizer /opt/ragtune/tokenizer /opt/ragtune/models/SmolLM2-135M-Instruct
 COPY gateway gateway
 RUN python -m compileall -q /app
-ENV RAGTUNE_GATEWAY_HOST=0.0.0.0 RAGTUNE_GATEWAY_PORT=50051
+ENV RAGTUNE_GATEWAY_HOST=0.0.0.0 RAGTUNE_GATEWAY_PORT=50051 RAGTUNE_GATEWAY_HTTP_PORT=8080
 USER 10001:10001
-EXPOSE 50051
+EXPOSE 50051 8080
 HEALTHCHECK --start-period=30s --interval=30s --timeout=10s --retries=3 \
   CMD ["python", "-m", "ragtune.healthcheck", "127.0.0.1:50051", "ragtune.v1.GatewayService"]
 ENTRYPOINT ["python", "-m", "gateway"]

@@ -1,7 +1,7 @@
 """Answer benchmark: how often ragtune's answers are right, cited and quick, against the gold-passage
 ceiling and a plain pipeline, on invented facts among real wiki100 distractors (bench/answers_data.py).
 
-Starts the real four services (ragtune.launcher.isolated_suite), ingests the corpus through the
+Starts the real four services (clients.launcher.isolated_suite), ingests the corpus through the
 gateway, and asks every question through three arms, interleaved question by question:
 - rag:   AskStream through the real gateway with its defaults (what a client gets);
 - gold:  the generator handed the one gold passage in the gateway's own prompt (the ceiling);
@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.answers_plain import PlainIndex
     from gateway import prompting
-    from ragtune.cli.client import GatewayClient, dev_key_path
-    from ragtune.cli.main import ingest
-    from ragtune.launcher import isolated_suite
-    from ragtune.samples import wiki100_articles
+    from clients.cli.client import GatewayClient, dev_key_path
+    from clients.cli.operations import ingest
+    from clients.launcher import isolated_suite
+    from clients.samples import wiki100_articles
     from ragtune.v1 import gateway_pb2, retriever_pb2
 
     corpus = build_corpus(dict(wiki100_articles()), args.distractors)

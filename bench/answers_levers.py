@@ -149,7 +149,7 @@ class EngineVariant:
         import subprocess
         import sys
 
-        from ragtune.launcher import REPO_ROOT
+        from clients.launcher import REPO_ROOT
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -163,7 +163,7 @@ class EngineVariant:
     def wait(self, timeout: float = 900) -> None:
         from grpc_health.v1 import health_pb2
 
-        from ragtune.launcher import _status
+        from clients.launcher import _status
 
         deadline = time.monotonic() + timeout
         while _status(self.address, "ragtune.v1.GeneratorService") != health_pb2.HealthCheckResponse.SERVING:

@@ -10,7 +10,7 @@ Three parts:
   OpenTelemetry tracing and metrics too) in front of instant stand-ins for the retriever and generator
   (bench/gateway_fakes.py), so the differences are the interceptors' and tracing's cost, and the bare
   gateway's time to first token minus the stand-in generator's is the stream plumbing (one more hop);
-- suite: the real four services (ragtune.launcher.isolated_suite) with a wiki100 sample: Ask
+- suite: the real four services (clients.launcher.isolated_suite) with a wiki100 sample: Ask
   overhead (client latency minus the gateway's waits on retriever and generator, as Timing reports
   them) and the gateway's self-reported overhead; AskStream's time to first token (no retrieval)
   against GenerateStream on the generator with the same messages, interleaved.
@@ -135,7 +135,7 @@ def _ttft_direct(stub, question: str, metadata) -> float:
 
 def hop_breakdown(rounds: int, requests: int) -> dict:
     from bench.gateway_fakes import QUESTION, VARIANTS, Child, api_keys
-    from ragtune.cli.client import GatewayClient
+    from clients.cli.client import GatewayClient
     from ragtune.tenancy import tenant_metadata
     from ragtune.v1 import gateway_pb2, generator_pb2_grpc
 
@@ -194,10 +194,10 @@ def hop_breakdown(rounds: int, requests: int) -> dict:
 # --- the real suite ----------------------------------------------------------------------------------------
 
 def suite_run(rounds: int, requests: int, articles: int) -> dict:
-    from ragtune.cli.client import GatewayClient, dev_key_path
-    from ragtune.cli.main import ingest
-    from ragtune.launcher import isolated_suite
-    from ragtune.samples import wiki100_articles
+    from clients.cli.client import GatewayClient, dev_key_path
+    from clients.cli.operations import ingest
+    from clients.launcher import isolated_suite
+    from clients.samples import wiki100_articles
     from ragtune.tenancy import tenant_metadata
     from ragtune.v1 import gateway_pb2, generator_pb2_grpc, retriever_pb2
 

@@ -23,7 +23,7 @@ VARIANTS = ("bare", "no-telemetry", "telemetry")
 
 
 def _hits():
-    from ragtune.samples import wiki100_articles
+    from clients.samples import wiki100_articles
     from ragtune.v1 import retriever_pb2
 
     fact = ("The Brannock process turns crushed seaweed into a clear, durable plastic. It was invented in 1931 by "

@@ -55,7 +55,7 @@ def base_corpus(cache: Path) -> tuple[list[str], np.ndarray]:
     from sentence_transformers import SentenceTransformer
 
     from ragtune.models import embedding_model_path
-    from ragtune.samples import wiki100_articles
+    from clients.samples import wiki100_articles
 
     texts = []
     for _, text in wiki100_articles():
@@ -89,7 +89,7 @@ def synthetic_vectors(texts: list[str], base: np.ndarray, n: int, block: int) ->
 
 
 def ingest_documents(count: int) -> list[tuple[str, str]]:
-    from ragtune.samples import jeopardy
+    from clients.samples import jeopardy
 
     clues = jeopardy("10k")[:count]
     return [(f"ing{j}", f"{c['Category']}: {c['Question']} Answer: {c['Answer']}") for j, c in enumerate(clues)]
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAGTUNE_HOME", str(args.cache / "home"))
     import grpc
 
-    from ragtune.samples import jeopardy
+    from clients.samples import jeopardy
     from ragtune.tenancy import tenant_metadata
     from ragtune.v1 import retriever_pb2 as R
     from ragtune.v1 import retriever_pb2_grpc

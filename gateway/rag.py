@@ -52,18 +52,29 @@ class TokenCounter:
         return [len(ids) for ids in self._tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def validate_question(q: gateway_pb2.AskQuestion, max_top_k: int) -> None:
+# The request fields the question rules name (Chat maps them onto its own, gateway.chat).
+ASK_FIELDS = {"question": "question.question", "collection": "question.collection", "top_k": "question.top_k",
+              "alpha": "question.alpha", "collection_rule": "is required unless no_retrieval is set"}
+
+
+def question_violations(q: gateway_pb2.AskQuestion, max_top_k: int,
+                        fields: dict[str, str] = ASK_FIELDS) -> list[FieldViolation]:
     problems = []
     if not q.question.strip():
-        problems.append(FieldViolation("question.question", "must not be empty"))
+        problems.append(FieldViolation(fields["question"], "must not be empty"))
     elif len(q.question) > MAX_QUESTION_CHARS:
-        problems.append(FieldViolation("question.question", f"must be at most {MAX_QUESTION_CHARS} characters"))
+        problems.append(FieldViolation(fields["question"], f"must be at most {MAX_QUESTION_CHARS} characters"))
     if not q.no_retrieval and not q.collection:
-        problems.append(FieldViolation("question.collection", "is required unless no_retrieval is set"))
+        problems.append(FieldViolation(fields["collection"], fields["collection_rule"]))
     if q.top_k < 0 or q.top_k > max_top_k:
-        problems.append(FieldViolation("question.top_k", f"must be between 1 and {max_top_k} (0 for the default)"))
+        problems.append(FieldViolation(fields["top_k"], f"must be between 1 and {max_top_k} (0 for the default)"))
     if q.HasField("alpha") and not (0.0 <= q.alpha <= 1.0 and math.isfinite(q.alpha)):
-        problems.append(FieldViolation("question.alpha", "must be in [0, 1]"))
+        problems.append(FieldViolation(fields["alpha"], "must be in [0, 1]"))
+    return problems
+
+
+def validate_question(q: gateway_pb2.AskQuestion, max_top_k: int) -> None:
+    problems = question_violations(q, max_top_k)
     if problems:
         raise InvalidArgument.of(problems)
 
@@ -121,10 +132,7 @@ class AskPipeline:
 
     async def _window(self, budget: CallBudget) -> int:
         if self._context_window is None:
-            info = await self._down.unary(
-                "generator", self._down.generator.GetModelInfo, generator_pb2.GetModelInfoRequest(), budget,
-                idempotent=True,
-            )
+            info = await self._down.generator.get_model_info(generator_pb2.GetModelInfoRequest(), budget)
             self._context_window = info.max_context_tokens
         return self._context_window
 
@@ -140,7 +148,7 @@ class AskPipeline:
             request.alpha = o.alpha
         if q.HasField("filter"):
             request.filter.CopyFrom(q.filter)
-        reply = await self._down.unary("retriever", self._down.retriever.Search, request, budget, idempotent=True)
+        reply = await self._down.retriever.search(request, budget)
         return [
             ContextPassage(i + 1, h.chunk_id, h.document_id, h.chunk_index, h.score, h.text)
             for i, h in enumerate(reply.hits)
@@ -177,7 +185,7 @@ class AskPipeline:
         probe = common_pb2.SamplingParams()
         probe.CopyFrom(sampling)
         probe.max_tokens = 1
-        await self._down.unary("generator", self._down.generator.Generate, generator_pb2.GenerateRequest(
+        await self._down.generator.generate(generator_pb2.GenerateRequest(
             input=generator_pb2.GenerationInput(chat=generator_pb2.ChatMessages(
                 messages=[common_pb2.ChatMessage(role="user", content=q.question)])),
             sampling=probe, adapter=q.adapter), budget)
@@ -248,7 +256,7 @@ class AskPipeline:
                         budget: CallBudget) -> AsyncIterator[gateway_pb2.AskStreamResponse]:
         """Streams the generator's answer as delta events, after `first_event` (the context) if any."""
         gen.started = time.perf_counter()
-        parts = self._down.stream_out("generator", self._down.generator.GenerateStream, request, budget)
+        parts = self._down.generator.generate_stream(request, budget)
         async with contextlib.aclosing(parts):  # leaving early cancels the generator's work at once
             # The call starts before the context event is sent, so sending it overlaps the generator's prefill.
             pending = asyncio.ensure_future(anext(parts, None))
@@ -305,6 +313,26 @@ class AskPipeline:
                 response.adapter = event.done.adapter
         response.answer = "".join(parts)
         return response
+
+    # The steps Chat (gateway.chat) reuses for its retrieval path, under public names.
+    window = _window
+    retrieve = _retrieve
+    fit = _fit
+    answer_sampling = _sampling
+    check = _check
+    citations = _citations
+
+    @property
+    def options(self) -> AnswerOptions:
+        return self._options
+
+    @property
+    def default_top_k(self) -> int:
+        return self._default_top_k
+
+    @property
+    def max_top_k(self) -> int:
+        return self._max_top_k
 
 
 @dataclass

@@ -1,8 +1,5 @@
-"""The gateway's gRPC servicer: authenticate, authorize the scope, then answer (Ask) or forward.
-
-The collection, job and adapter RPCs are thin forwards that differ only in their target and
-scope, so they are built from one table (`_FORWARDS`) rather than written out twenty times.
-"""
+"""The gateway's gRPC servicer: authenticate, authorize the scope, then answer (Ask, Chat,
+evaluations, API keys) or forward to the owning service (gateway/forwards.py)."""
 
 from __future__ import annotations
 
@@ -20,51 +17,24 @@ from ragtune.errors import InvalidArgument
 from ragtune.models import base_model_dir
 from ragtune.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import KeyRefresher, KeyRing, Scope
+from gateway.chat import ChatPipeline
 from gateway.downstream import CallBudget, Downstream
 from gateway.evaluation.promotion import Promotion
 from gateway.evaluation.service import EvaluationService
 from gateway.evaluation.spec import validate_gate
 from gateway.evaluation.worker import EvaluationWorker
+from gateway.forwards import ForwardedRpcs
 from gateway.rag import AnswerOptions, AskPipeline, TokenCounter
 from gateway.settings import GatewaySettings
+from gateway.http.context import FrontState
+from gateway.http.server import HttpFront
+from ragtune.settings import TLSSettings
+from ragtune.tls import http_ssl_options
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 log = logging.getLogger(__name__)
 
-# gateway method -> (downstream service, downstream method, scope, idempotent read)
-_FORWARDS: dict[str, tuple[str, str, Scope, bool]] = {
-    "CreateCollection": ("retriever", "CreateCollection", Scope.INGEST, False),
-    "GetCollection": ("retriever", "GetCollection", Scope.READ, True),
-    "ListCollections": ("retriever", "ListCollections", Scope.READ, True),
-    "DeleteCollection": ("retriever", "DeleteCollection", Scope.INGEST, False),
-    "UpsertDocuments": ("retriever", "UpsertDocuments", Scope.INGEST, False),
-    "DeleteDocuments": ("retriever", "DeleteDocuments", Scope.INGEST, False),
-    "Search": ("retriever", "Search", Scope.READ, True),
-    "GetCollectionStats": ("retriever", "GetCollectionStats", Scope.READ, True),
-    "Embed": ("retriever", "Embed", Scope.READ, True),
-    "GetJob": ("trainer", "GetJob", Scope.READ, True),
-    "ListJobs": ("trainer", "ListJobs", Scope.READ, True),
-    "CancelJob": ("trainer", "CancelJob", Scope.TRAIN, False),
-    "ValidateDataset": ("trainer", "ValidateDataset", Scope.TRAIN, True),
-    "ListAdapters": ("trainer", "ListAdapters", Scope.READ, True),
-    "GetAdapter": ("trainer", "GetAdapter", Scope.READ, True),
-    "DeleteAdapter": ("trainer", "DeleteAdapter", Scope.TRAIN, False),
-    "SetAdapterAlias": ("trainer", "SetAdapterAlias", Scope.TRAIN, False),
-    "GetAdapterAlias": ("trainer", "GetAdapterAlias", Scope.READ, True),
-    "RollbackAdapterAlias": ("trainer", "RollbackAdapterAlias", Scope.TRAIN, False),
-    "LoadAdapter": ("generator", "LoadAdapter", Scope.TRAIN, False),
-    "UnloadAdapter": ("generator", "UnloadAdapter", Scope.TRAIN, False),
-    "ListLoadedAdapters": ("generator", "ListAdapters", Scope.READ, True),
-}
-# Streaming forwards: gateway method -> (service, downstream method, scope)
-_CLIENT_STREAM_FORWARDS = {
-    "Ingest": ("retriever", "Ingest", Scope.INGEST),
-    "UploadDataset": ("trainer", "UploadDataset", Scope.TRAIN),
-}
-_SERVER_STREAM_FORWARDS = {"WatchJob": ("trainer", "WatchJob", Scope.READ)}
-
-
-class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+class GatewayServicer(ForwardedRpcs):
     """Registered before the server starts; GatewayService.start() attaches its collaborators
     before health reports SERVING (ServiceHost's readiness gate refuses calls until then)."""
 
@@ -72,9 +42,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._settings = settings
 
     def attach(self, keys: KeyRing, api_keys: ApiKeyStore, downstream: Downstream, pipeline: AskPipeline,
-               evaluations: EvaluationService) -> None:
+               evaluations: EvaluationService, chat: ChatPipeline | None = None) -> None:
         self._keys, self._api_keys, self._down = keys, api_keys, downstream
         self._pipeline, self._evaluations = pipeline, evaluations
+        self._chat = chat
 
     def _authorize(self, context: grpc.aio.ServicerContext, *scopes: Scope) -> CallBudget:
         principal = self._keys.authenticate(context.invocation_metadata())
@@ -92,6 +63,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         async for event in self._pipeline.stream(request.question, budget):
             yield event
 
+    async def Chat(self, request, context):
+        budget = self._authorize(context, Scope.READ)
+        return await self._chat.chat(request.conversation, budget)
+
+    async def ChatStream(self, request, context):
+        budget = self._authorize(context, Scope.READ)
+        async for event in self._chat.stream(request.conversation, budget):
+            yield event
+
     async def CreateJob(self, request, context):
         budget = self._authorize(context, Scope.TRAIN)
         spec = request.request.spec
@@ -100,7 +80,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             validate_gate(spec.gate)
             if spec.gate.collection:
                 await self._evaluations.check_collection(spec.gate.collection, budget)
-        reply = await self._down.unary("trainer", self._down.trainer.CreateJob, request.request, budget)
+        reply = await self._down.trainer.create_job(request.request, budget)
         return gateway_pb2.GatewayServiceCreateJobResponse(response=reply)
 
     async def CreateEvaluation(self, request, context):
@@ -171,57 +151,6 @@ def _api_key_message(record) -> gateway_pb2.ApiKey:
     )
 
 
-def _unary_forward(name: str, service: str, method: str, scope: Scope, idempotent: bool):
-    response_type = getattr(gateway_pb2, f"GatewayService{name}Response")
-
-    async def forward(self: GatewayServicer, request, context):
-        budget = self._authorize(context, scope)
-        target = getattr(getattr(self._down, service), method)
-        reply = await self._down.unary(service, target, request.request, budget, idempotent=idempotent)
-        return response_type(response=reply)
-
-    forward.__name__ = name
-    return forward
-
-
-def _client_stream_forward(name: str, service: str, method: str, scope: Scope):
-    response_type = getattr(gateway_pb2, f"GatewayService{name}Response")
-
-    async def forward(self: GatewayServicer, request_iterator, context):
-        budget = self._authorize(context, scope)
-
-        async def unwrapped():
-            async for item in request_iterator:
-                yield item.request
-
-        target = getattr(getattr(self._down, service), method)
-        return response_type(response=await self._down.stream_in(service, target, unwrapped(), budget))
-
-    forward.__name__ = name
-    return forward
-
-
-def _server_stream_forward(name: str, service: str, method: str, scope: Scope):
-    response_type = getattr(gateway_pb2, f"GatewayService{name}Response")
-
-    async def forward(self: GatewayServicer, request, context):
-        budget = self._authorize(context, scope)
-        target = getattr(getattr(self._down, service), method)
-        async for item in self._down.stream_out(service, target, request.request, budget):
-            yield response_type(response=item)
-
-    forward.__name__ = name
-    return forward
-
-
-for _name, (_svc, _method, _scope, _idem) in _FORWARDS.items():
-    setattr(GatewayServicer, _name, _unary_forward(_name, _svc, _method, _scope, _idem))
-for _name, (_svc, _method, _scope) in _CLIENT_STREAM_FORWARDS.items():
-    setattr(GatewayServicer, _name, _client_stream_forward(_name, _svc, _method, _scope))
-for _name, (_svc, _method, _scope) in _SERVER_STREAM_FORWARDS.items():
-    setattr(GatewayServicer, _name, _server_stream_forward(_name, _svc, _method, _scope))
-
-
 class GatewayService:
     """Hosts the gateway: opens the control plane (API keys, evaluations), loads the tokenizer, opens
     channels to the services, and runs this replica's share of the evaluation work."""
@@ -235,6 +164,9 @@ class GatewayService:
         self.downstream: Downstream | None = None
         self.keys: KeyRefresher | None = None
         self.worker: EvaluationWorker | None = None
+        self.chat_pipeline: ChatPipeline | None = None  # Chat and ChatStream (the HTTP front's chat too)
+        self.http: HttpFront | None = None
+        self.http_port: int | None = None  # the HTTP front's bound port (RAGTUNE_GATEWAY_HTTP_PORT=0 picks one)
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self.servicer, server)
@@ -264,6 +196,7 @@ class GatewayService:
             self.downstream, counter, default_top_k=s.default_top_k, max_top_k=s.max_top_k,
             default_max_tokens=s.default_max_tokens, options=AnswerOptions.from_settings(s),
         )
+        self.chat_pipeline = ChatPipeline(pipeline, self.downstream, counter)
         store = EvaluationStore(self.database)
         if s.evaluation_workers:
             promotion = Promotion(AliasStore(self.database), JobStore(self.database))
@@ -272,9 +205,20 @@ class GatewayService:
                                            poll_interval_s=s.poll_interval_s)
             self.worker.start()
         evaluations = EvaluationService(store, self.downstream, s.artifacts, self.worker, s.poll_interval_s)
-        self.servicer.attach(ring, api_keys, self.downstream, pipeline, evaluations)
+        self.servicer.attach(ring, api_keys, self.downstream, pipeline, evaluations, chat=self.chat_pipeline)
+        if s.http_port >= 0:  # the OpenAI-compatible HTTP front, on the same keys, channels and pipelines
+            self.http = HttpFront(FrontState(s, ring, self.downstream, self.chat_pipeline),
+                                  http_ssl_options(TLSSettings()))
+            self.http_port = await self.http.start()
+
+    async def drain(self) -> None:
+        """Stops the HTTP front (no new requests; those in flight get RAGTUNE_GATEWAY_HTTP_GRACE_S) while
+        ServiceHost stops the gRPC server."""
+        if self.http is not None:
+            await self.http.stop()
 
     async def stop(self) -> None:
+        await self.drain()  # idempotent: already drained when stopped through ServiceHost
         # Running evaluations are handed back first, so another replica resumes them at once.
         if self.worker is not None:
             await self.worker.stop()

@@ -21,6 +21,11 @@ let a second instance share the port and report ready), and closes every connect
 `RAGTUNE_GRPC_MAX_CONNECTION_AGE_S` (GOAWAY; calls in flight get the grace period), so clients
 reconnect and re-resolve DNS: replicas added behind a headless Service get traffic within
 about that bound (k8s/README.md, "How traffic reaches new replicas").
+
+With RAGTUNE_TLS_CERT_FILE / _KEY_FILE the server serves TLS only (and requires client
+certificates with RAGTUNE_TLS_CLIENT_CA_FILE): ragtune/tls.py builds the credentials at start.
+The kubelet's native gRPC probes cannot speak TLS, so `RAGTUNE_GRPC_HEALTH_PORT` opens a second,
+plaintext port that serves grpc.health.v1 only (the same statuses), for the probes.
 """
 
 from __future__ import annotations
@@ -45,9 +50,10 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import metrics
 
 from ragtune.errors import ServiceError, Unauthenticated, Unavailable
-from ragtune.settings import ServiceSettings
+from ragtune.settings import ServiceSettings, TLSSettings
 from ragtune.telemetry import configure_logging, configure_telemetry, server_interceptors
 from ragtune.tenancy import INTERNAL_TOKEN_METADATA_KEY
+from ragtune.tls import TLSConfigError, describe, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,13 @@ class HostSettings(BaseSettings):
     health_check_interval_s: float = Field(
         1.0, gt=0, description="How often the host asks a service that can tell whether it is still healthy."
     )
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="When set, a second port, plaintext, serving only grpc.health.v1 (the same statuses as the"
+        " main port): for Kubernetes' native gRPC probes, which cannot speak TLS. Unset = none.",
+    )
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,8 @@ class PortInUse(RuntimeError):
 
 class Service(Protocol):
     """What a service gives the host: its servicers, and how to warm up and release resources.
-    It may also define `async def health(self) -> ServiceHealth`, which the host polls once SERVING."""
+    It may also define `async def health(self) -> ServiceHealth`, which the host polls once SERVING, and
+    `async def drain(self)`, which stops another front it serves, while the gRPC server stops."""
 
     service_names: Sequence[str]  # full names, e.g. "ragtune.v1.RetrieverService"
 
@@ -288,14 +302,16 @@ class ServiceHost:
     """Runs one Service on a grpc.aio server. Tests use start()/stop() in-process on port 0.
 
     `host_settings` defaults to HostSettings() (the environment); `reuse_port` lets several servers
-    share one address (only tests that model a load-balanced address use it)."""
+    share one address (only tests that model a load-balanced address use it); `tls` defaults to
+    TLSSettings() (the environment)."""
 
     def __init__(self, service: Service, settings: ServiceSettings, *, name: str, extra_interceptors: Sequence[Any] = (),
-                 host_settings: HostSettings | None = None, reuse_port: bool = False):
+                 host_settings: HostSettings | None = None, reuse_port: bool = False, tls: TLSSettings | None = None):
         self.service = service
         self.settings = settings
         self.name = name
         self.host_settings = host_settings or HostSettings()
+        self.tls = tls or TLSSettings()
         self.health = health.aio.HealthServicer()
         interceptors: list[Any] = [*server_interceptors(), *extra_interceptors]
         if settings.internal_token is not None:
@@ -307,6 +323,8 @@ class ServiceHost:
             interceptors=interceptors, options=server_options(self.host_settings, reuse_port=reuse_port)
         )
         self.port: int | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self.reported = ServiceHealth(ready=False, reason=f"the {name} is still starting")
         self._watcher: asyncio.Task | None = None
         self._stopping = False
@@ -358,15 +376,21 @@ class ServiceHost:
              reflection.SERVICE_NAME),
             self.server,
         )
+        credentials = server_credentials(self.tls)  # TLSConfigError names the setting at fault
         try:
-            self.port = self.server.add_insecure_port(self.settings.address)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(self.settings.address)
+            else:
+                self.port = self.server.add_secure_port(self.settings.address, credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
             raise _bind_error(self.settings, self.name)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.host_settings.health_port is not None:
+            await self._start_health_port()
         await self.server.start()
-        log.info("listening on %s:%d, warming up", self.settings.host, self.port)
+        log.info("listening on %s:%d (%s), warming up", self.settings.host, self.port, describe(self.tls))
         started = time.perf_counter()
         await self.service.start()
         self.readiness.ready = True
@@ -377,6 +401,21 @@ class ServiceHost:
             self._watcher = asyncio.create_task(self._watch_health(), name=f"{self.name}-health")
         return self.port
 
+    async def _start_health_port(self) -> None:
+        """The plaintext health-only port: the same HealthServicer, so it reports exactly what the main port does."""
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        address = f"{self.settings.host}:{self.host_settings.health_port}"
+        try:
+            self.health_port = self.health_server.add_insecure_port(address)
+        except RuntimeError:
+            self.health_port = 0
+        if self.health_port == 0:
+            raise PortInUse(f"cannot serve the {self.name}'s health port on {address}: the address is in use or"
+                            " cannot be bound; choose another with RAGTUNE_GRPC_HEALTH_PORT")
+        await self.health_server.start()
+        log.info("health (plaintext, grpc.health.v1 only) on %s:%d", self.settings.host, self.health_port)
+
     async def stop(self, grace: float | None = None) -> None:
         """Refuses new calls, lets in-flight calls finish within the grace period, then releases the service."""
         self._stopping = True
@@ -384,7 +423,13 @@ class ServiceHost:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.grace_period_s if grace is None else grace)
+        # A service that serves another front besides gRPC (the gateway's HTTP API) drains it at the same
+        # time, so neither keeps accepting requests while the other winds down.
+        drain = getattr(self.service, "drain", None)
+        await asyncio.gather(self.server.stop(self.settings.grace_period_s if grace is None else grace),
+                             *([drain()] if drain is not None else []))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.service.stop()
         self._stopped.set()
 
@@ -402,7 +447,7 @@ async def _serve(service_factory, settings: ServiceSettings, name: str) -> None:
     if start in done:
         try:
             start.result()  # raise a failed warm-up
-        except PortInUse as exc:
+        except (PortInUse, TLSConfigError) as exc:
             # No stack trace: the message says what to do. A non-zero exit lets a supervisor see it.
             log.error("%s", exc)
             raise SystemExit(2) from None

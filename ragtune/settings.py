@@ -80,3 +80,35 @@ class ServiceSettings(BaseSettings):
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class TLSSettings(BaseSettings):
+    """TLS for this process's gRPC (and HTTP) server and for its outgoing gRPC calls (environment
+    RAGTUNE_TLS_*; ragtune/tls.py turns them into credentials). All unset = plaintext, the default on
+    one machine. Files are PEM, read when the server or channel starts, never logged."""
+
+    model_config = SettingsConfigDict(env_prefix="RAGTUNE_TLS_", extra="ignore", frozen=True)
+
+    cert_file: Path | None = Field(
+        None, description="This server's certificate chain (PEM). With RAGTUNE_TLS_KEY_FILE: serve TLS only."
+    )
+    key_file: Path | None = Field(None, description="The private key of RAGTUNE_TLS_CERT_FILE (PEM).")
+    client_ca_file: Path | None = Field(
+        None,
+        description="When set, the server requires every client to present a certificate signed by one of"
+        " these CAs (mutual TLS); health and reflection included.",
+    )
+    ca_file: Path | None = Field(
+        None,
+        description="Roots trusted for this process's outgoing gRPC calls (gateway -> services, health"
+        " checks); when set, those calls use TLS.",
+    )
+    client_cert_file: Path | None = Field(
+        None, description="Certificate chain this process presents on its outgoing calls (mutual TLS)."
+    )
+    client_key_file: Path | None = Field(None, description="The private key of RAGTUNE_TLS_CLIENT_CERT_FILE.")
+    server_name_override: str | None = Field(
+        None,
+        description="Name to verify in the servers' certificates instead of the host of the address (tests,"
+        " or addresses that are not in the certificate).",
+    )

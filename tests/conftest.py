@@ -14,6 +14,8 @@ def ragtune_home(tmp_path_factory):
     os.environ["RAGTUNE_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Gateways started by tests bind their HTTP front on a free port, not the shared default 8080.
+    os.environ.setdefault("RAGTUNE_GATEWAY_HTTP_PORT", "0")
     return home
 
 

@@ -111,7 +111,7 @@ def _k8s_with_operator_secrets() -> Path:
 
 @cache
 def _render(folder: str) -> str:
-    root = _k8s_with_operator_secrets() if folder == "overlays/gpu" else K8S_DIR
+    root = _k8s_with_operator_secrets() if folder == "overlays/gpu" or folder.startswith("variants/") else K8S_DIR
     proc = kustomize(root / folder)
     assert proc.returncode == 0, f"kubectl kustomize {folder} failed:\n{proc.stderr}"
     return proc.stdout
@@ -121,6 +121,29 @@ def render(overlay: str) -> list[dict]:
     """The overlay's objects, a fresh copy each call so a test may break them. The gpu overlay is
     rendered with throwaway operator Secrets (operator_secrets()); as committed it does not render."""
     return [d for d in yaml.safe_load_all(_render(f"overlays/{overlay}")) if d]
+
+
+# The optional Kustomize components (k8s/components) a site adds next to an overlay; the TLS variant
+# is an overlay with both.
+TLS_COMPONENTS = ("tls", "cert-manager")
+
+
+@cache
+def _variant(overlay: str, components: tuple[str, ...]) -> str:
+    """Writes a site's kustomization (the overlay plus the components) into the copy of k8s/."""
+    folder = _k8s_with_operator_secrets() / "variants" / "-".join((overlay, *components))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [f"../../overlays/{overlay}"],
+        "components": [f"../../components/{c}" for c in components],
+    }))
+    return f"variants/{folder.name}"
+
+
+def render_with(overlay: str, components: tuple[str, ...] = TLS_COMPONENTS) -> list[dict]:
+    """The overlay with Kustomize components added, as a site's own kustomization would."""
+    return [d for d in yaml.safe_load_all(_render(_variant(overlay, components))) if d]
 
 
 def render_base() -> list[dict]:
@@ -258,6 +281,9 @@ def reference_problems(docs: list[dict]) -> list[str]:
     """ConfigMaps, Secrets, claims and keys that pods use exist; every mount names a declared volume."""
     problems = []
     existing = {kind: by_kind(docs, kind) for kind in ("ConfigMap", "Secret", "PersistentVolumeClaim")}
+    # cert-manager writes each Certificate's Secret (kubernetes.io/tls: tls.crt, tls.key, ca.crt).
+    for cert in certificates(docs).values():
+        existing["Secret"].setdefault(cert["spec"]["secretName"], {"data": dict.fromkeys(TLS_SECRET_KEYS, "")})
 
     def need(kind: str, name: str, key: str | None, where: str) -> None:
         obj = existing[kind].get(name)
@@ -444,10 +470,12 @@ def manifest_settings(docs: list[dict], container: dict, service: str, monkeypat
 
 
 def host_settings_env_names() -> set[str]:
-    """What ragtune.server.HostSettings reads: the gRPC server's own settings, the same in every service."""
+    """What ragtune.server.HostSettings and ragtune.settings.TLSSettings read: the gRPC server's own
+    settings and TLS, the same in every service."""
     from ragtune.server import HostSettings
+    from ragtune.settings import TLSSettings
 
-    return settings_env_names(HostSettings)
+    return settings_env_names(HostSettings) | settings_env_names(TLSSettings)
 
 
 def env_problems(docs: list[dict]) -> list[str]:
@@ -477,3 +505,84 @@ def proto_services() -> frozenset[str]:
 def service_port(docs: list[dict], host: str, port: int) -> bool:
     svc = by_kind(docs, "Service").get(host.split(".")[0])
     return svc is not None and any(p["port"] == port for p in svc["spec"]["ports"])
+
+
+# --- TLS (k8s/components/tls with k8s/components/cert-manager) ---------------------------------
+
+TLS_SECRET_KEYS = ("tls.crt", "tls.key", "ca.crt")
+# What every ragtune container reads under TLS; the internal services also require client certificates.
+TLS_FILE_VARS = ("RAGTUNE_TLS_CERT_FILE", "RAGTUNE_TLS_KEY_FILE", "RAGTUNE_TLS_CA_FILE",
+                 "RAGTUNE_TLS_CLIENT_CERT_FILE", "RAGTUNE_TLS_CLIENT_KEY_FILE")
+MTLS_VAR = "RAGTUNE_TLS_CLIENT_CA_FILE"
+
+
+def certificates(docs: list[dict]) -> dict[str, dict]:
+    """cert-manager Certificates by name."""
+    return {d["metadata"]["name"]: d for d in docs
+            if d["kind"] == "Certificate" and d["apiVersion"].startswith("cert-manager.io/")}
+
+
+def downstream_hosts(docs: list[dict]) -> dict[str, str]:
+    """service -> the host the gateway dials it at (RAGTUNE_GATEWAY_<SERVICE>_ADDRESS, dns:///host:port)."""
+    gateway = next(c for _, c, s in ragtune_containers(docs) if s == "gateway")
+    env = env_of(docs, gateway)
+    return {s: re.sub(r"^dns:///", "", str(env[f"RAGTUNE_GATEWAY_{s.upper()}_ADDRESS"])).rsplit(":", 1)[0]
+            for s in ("retriever", "generator", "trainer")}
+
+
+def tls_problems(docs: list[dict]) -> list[str]:
+    """Under TLS every ragtune service: mounts a Secret read-only that a Certificate (or the operator)
+    provides, points each RAGTUNE_TLS_* file variable into that mount at a key the Secret has, the
+    internal services require client certificates, certificates name the hosts the gateway dials,
+    and the probes ask the plaintext health port the service opens."""
+    problems = []
+    certs = {c["spec"]["secretName"]: c for c in certificates(docs).values()}
+    hosts = downstream_hosts(docs)
+    for w, c, service in ragtune_containers(docs):
+        where = f"{w['metadata']['name']}/{c['name']}"
+        env = env_of(docs, c)
+        mounted: set[str] = set()
+        for var in (*TLS_FILE_VARS, *((MTLS_VAR,) if service != "gateway" else ())):
+            path = env.get(var)
+            if not isinstance(path, str):
+                problems.append(f"{where}: {var} is not set")
+                continue
+            volume = volume_at(w, c, path)
+            if volume is None or "secret" not in volume:
+                problems.append(f"{where}: {var}={path} is not in a mounted Secret")
+                continue
+            secret = volume["secret"]["secretName"]
+            mounted.add(secret)
+            if PurePosixPath(path).name not in TLS_SECRET_KEYS:
+                problems.append(f"{where}: {var}={path} names no key of Secret {secret}")
+            mount = next(m for m in c["volumeMounts"] if m["name"] == volume["name"])
+            if not mount.get("readOnly"):
+                problems.append(f"{where}: the TLS Secret {secret} is mounted writable")
+            if volume["secret"].get("defaultMode", 0o644) & 0o007:
+                problems.append(f"{where}: the TLS Secret {secret}'s files are readable by others (defaultMode)")
+        if service == "gateway" and MTLS_VAR in env:
+            problems.append(f"{where}: the gateway's public port must not require client certificates")
+        for secret in mounted:
+            cert = certs.get(secret)
+            if cert is None:
+                problems.append(f"{where}: no Certificate writes Secret {secret}")
+                continue
+            usages = set(cert["spec"].get("usages", []))
+            if not {"server auth", "client auth"} <= usages:
+                problems.append(f"Certificate {cert['metadata']['name']}: usages {sorted(usages)}"
+                                " lack server or client auth")
+            if service in hosts and hosts[service] not in cert["spec"].get("dnsNames", []):
+                problems.append(f"Certificate {cert['metadata']['name']}: the gateway dials {hosts[service]},"
+                                f" not among its dnsNames")
+        health = env.get("RAGTUNE_GRPC_HEALTH_PORT")
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = c.get(kind, {})
+            if "grpc" not in probe or str(probe["grpc"]["port"]) != str(health):
+                problems.append(f"{where}: {kind} does not ask the plaintext health port"
+                                f" (RAGTUNE_GRPC_HEALTH_PORT={health}); the kubelet's gRPC probe cannot speak TLS")
+    for cert in certificates(docs).values():
+        issuer = cert["spec"]["issuerRef"]
+        if issuer.get("kind", "Issuer") == "Issuer" and issuer["name"] not in {
+                d["metadata"]["name"] for d in docs if d["kind"] == "Issuer"}:
+            problems.append(f"Certificate {cert['metadata']['name']}: Issuer {issuer['name']} does not exist")
+    return problems

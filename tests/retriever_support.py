@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from ragtune.errors import bad_request_violations
-from ragtune.samples import wiki100_dir
+from clients.samples import wiki100_dir
 from ragtune.values import from_value, to_value as value
 from ragtune.tenancy import tenant_metadata
 from ragtune.v1 import retriever_pb2, retriever_pb2_grpc

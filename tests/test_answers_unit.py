@@ -183,14 +183,15 @@ class _Downstream:
     """Answers Search with fixed hits and GenerateStream with a fixed answer word by word (with usage
     on every message, as the generator sends it), recording the requests and how far it streamed."""
 
-    retriever = SimpleNamespace(Search="Search")
-    generator = SimpleNamespace(GetModelInfo="GetModelInfo", GenerateStream="GenerateStream", Generate="Generate")
-
     def __init__(self, hits: list[tuple[str, str]], answer: str, usage_each: bool = True):
         self.hits, self.answer, self.generated, self.usage_each = hits, answer, [], usage_each
         self.checked: list[generator_pb2.GenerateRequest] = []
+        # The typed clients' methods the Ask pipeline calls (gateway/downstream.py).
+        self.retriever = SimpleNamespace(search=self._unary)
+        self.generator = SimpleNamespace(get_model_info=self._unary, generate=self._unary,
+                                         generate_stream=self._stream_out)
 
-    async def unary(self, service, method, request, budget, idempotent=False):
+    async def _unary(self, request, budget):
         if isinstance(request, generator_pb2.GenerateRequest):
             self.checked.append(request)
             if request.sampling.temperature > 2:
@@ -202,7 +203,7 @@ class _Downstream:
                 retriever_pb2.SearchHit(chunk_id=f"{d}#0", document_id=d, text=t, score=1.0) for d, t in self.hits])
         return generator_pb2.GetModelInfoResponse(max_context_tokens=2048)
 
-    async def stream_out(self, service, method, request, budget):
+    async def _stream_out(self, request, budget):
         self.generated.append(request)
         self.streamed = 0
         words = self.answer.split(" ")

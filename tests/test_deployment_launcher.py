@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from ragtune import launcher
-from ragtune.launcher import SERVICES, LocalService, LocalSuite, _status
+from clients import launcher
+from clients.launcher import SERVICES, LocalService, LocalSuite, _status
 from tests.grpc_support import free_port
 
 SERVING = 1  # grpc.health.v1 ServingStatus SERVING

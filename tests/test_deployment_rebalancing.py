@@ -58,8 +58,7 @@ async def call_until(downstream, counts, replica: str, seconds: float) -> float 
     started = time.monotonic()
     while time.monotonic() - started < seconds:
         budget = CallBudget(tenant="rebalance", deadline=time.monotonic() + 10)
-        await downstream.unary("retriever", downstream.retriever.ListCollections,
-                               retriever_pb2.ListCollectionsRequest(), budget, idempotent=True)
+        await downstream.retriever.list_collections(retriever_pb2.ListCollectionsRequest(), budget)
         if counts[replica]:
             return time.monotonic() - started
         await asyncio.sleep(0.05)

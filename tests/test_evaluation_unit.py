@@ -395,3 +395,12 @@ def test_a_gate_promotes_only_when_the_lower_bound_clears_the_margin():
     flaky = decide(arm("candidate", [1.0, 1.0, 1.0, 1.0], errors={1, 2, 3}), arm("incumbent", [0.6] * 4),
                    metric="token_f1", margin=0.0, alias="prod", candidate_version=3, incumbent_version=2)
     assert not flaky.promoted and flaky.candidate_mean == 0.25
+
+
+def test_gate_metric_names_follow_the_trainer_proto_enum():
+    from ragtune.gate_metrics import gate_metric_name, gate_metric_value
+    from ragtune.v1 import trainer_pb2
+
+    names = {v: gate_metric_name(v) for v in trainer_pb2.GateMetric.values()}
+    assert names == {0: "token_f1", 1: "token_f1", 2: "exact_match", 3: "rouge_l", 4: "citation_precision"}
+    assert all(gate_metric_value(name) == v for v, name in names.items() if v)  # the trainer stores names

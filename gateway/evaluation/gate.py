@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from gateway.evaluation.metrics import bootstrap_ci
 from gateway.evaluation.results import ArmResult, QuestionResult
+from ragtune.gate_metrics import gate_metric_name
 
 METRICS = ("token_f1", "exact_match", "rouge_l", "citation_precision")
 
@@ -72,10 +73,6 @@ def decide(candidate: ArmResult, incumbent: ArmResult, *, metric: str, margin: f
 def failed(gate_run, error: str, evaluation_id: str) -> Verdict:
     """The verdict when the gate's evaluation itself could not finish: the alias stays."""
     return Verdict(False, gate_run.gate.alias, gate_run.candidate_version, gate_run.incumbent_version,
-                   metric_name(gate_run.gate.metric), 0.0, 0.0, 0.0, 0.0, 0.0, gate_run.gate.margin,
+                   gate_metric_name(gate_run.gate.metric), 0.0, 0.0, 0.0, 0.0, 0.0, gate_run.gate.margin,
                    f"held back: the gate's evaluation ended without a result ({error})", evaluation_id)
 
-
-def metric_name(value: int) -> str:
-    # GateMetric enum values 0 (default) and 1 are token F1, then exact match, ROUGE-L, citation precision.
-    return {0: "token_f1", 1: "token_f1", 2: "exact_match", 3: "rouge_l", 4: "citation_precision"}[value]

@@ -30,19 +30,17 @@ async def _train(down: Downstream, ku: gateway_pb2.KnowledgeUpdateSpec, scratch:
     async def upload():
         yield trainer_pb2.UploadDatasetRequest(name=scratch, content=ku.finetune_dataset)
 
-    await down.stream_in("trainer", down.trainer.UploadDataset, upload(), budget)
+    await down.trainer.upload_dataset(upload(), budget)
     job_spec = trainer_pb2.JobSpec(adapter_name=scratch, dataset=scratch, method=trainer_pb2.TRAINING_METHOD_LORA)
     job_spec.hyperparameters.CopyFrom(ku.hyperparameters)
-    job = (await down.unary("trainer", down.trainer.CreateJob, trainer_pb2.CreateJobRequest(
+    job = (await down.trainer.create_job(trainer_pb2.CreateJobRequest(
         spec=job_spec, client_request_id=scratch), budget)).job
     if job.state not in _FINAL_JOB_STATES:
         # Follow the job's own event stream to its final state (no polling).
-        async for update in down.stream_out("trainer", down.trainer.WatchJob,
-                                            trainer_pb2.WatchJobRequest(id=job.id), budget):
+        async for update in down.trainer.watch_job(trainer_pb2.WatchJobRequest(id=job.id), budget):
             if update.event.WhichOneof("event") == "state_changed" and update.event.state_changed in _FINAL_JOB_STATES:
                 break
-        job = (await down.unary("trainer", down.trainer.GetJob, trainer_pb2.GetJobRequest(id=job.id), budget,
-                                idempotent=True)).job
+        job = (await down.trainer.get_job(trainer_pb2.GetJobRequest(id=job.id), budget)).job
     return job
 
 
@@ -54,13 +52,13 @@ async def measure(down: Downstream, answer_arm: AnswerArm, tenant: str, evaluati
     budget = CallBudget(tenant=tenant, deadline=time.monotonic() + JOB_TIMEOUT_S)
     try:
         try:
-            await down.unary("retriever", down.retriever.CreateCollection, retriever_pb2.CreateCollectionRequest(
+            await down.retriever.create_collection(retriever_pb2.CreateCollectionRequest(
                 collection=retriever_pb2.Collection(name=scratch)), budget)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:  # made by a replica that died mid-run
                 raise
         started = time.perf_counter()
-        await down.unary("retriever", down.retriever.UpsertDocuments, retriever_pb2.UpsertDocumentsRequest(
+        await down.retriever.upsert_documents(retriever_pb2.UpsertDocumentsRequest(
             collection=scratch, documents=ku.facts), budget)
         result.rag_seconds = time.perf_counter() - started
         result.rag_quality = quality(await answer_arm(items, "rag", scratch, ""))
@@ -82,10 +80,10 @@ async def clean_up(down: Downstream, tenant: str, evaluation_id: str) -> None:
     scratch = f"ku-{evaluation_id}"
     budget = CallBudget(tenant=tenant, deadline=time.monotonic() + 60)
     for call, request in (
-        (down.retriever.DeleteCollection, retriever_pb2.DeleteCollectionRequest(name=scratch)),
-        (down.trainer.DeleteAdapter, trainer_pb2.DeleteAdapterRequest(name=scratch)),
+        (down.retriever.delete_collection, retriever_pb2.DeleteCollectionRequest(name=scratch)),
+        (down.trainer.delete_adapter, trainer_pb2.DeleteAdapterRequest(name=scratch)),
     ):
         try:
-            await down.unary("cleanup", call, request, budget)
+            await call(request, budget)
         except (ServiceError, grpc.aio.AioRpcError):
             pass  # nothing was created under that name

@@ -41,8 +41,7 @@ class EvaluationService:
         return self._message(record)
 
     async def check_collection(self, collection: str, budget: CallBudget) -> None:
-        await self.down.unary("retriever", self.down.retriever.GetCollection,
-                              retriever_pb2.GetCollectionRequest(name=collection), budget, idempotent=True)
+        await self.down.retriever.get_collection(retriever_pb2.GetCollectionRequest(name=collection), budget)
 
     async def _check_targets(self, spec, arms: list[str], budget: CallBudget) -> None:
         """NOT_FOUND now, not minutes into the run, for an unknown collection or adapter."""
@@ -50,9 +49,7 @@ class EvaluationService:
             await self.check_collection(spec.collection, budget)
         if any("finetuned" in a for a in arms):
             name, version = parse_adapter_ref(spec.adapter, "spec.adapter")
-            await self.down.unary("trainer", self.down.trainer.GetAdapter,
-                                  trainer_pb2.GetAdapterRequest(name=name, version=version or 0), budget,
-                                  idempotent=True)
+            await self.down.trainer.get_adapter(trainer_pb2.GetAdapterRequest(name=name, version=version or 0), budget)
 
     async def get(self, tenant: str, evaluation_id: str, include_report: bool) -> gateway_pb2.GetEvaluationResponse:
         record = await asyncio.to_thread(self.store.get, evaluation_id, tenant)

@@ -18,6 +18,7 @@ from pathlib import Path
 from ragtune.controlplane import evaluations as states
 from ragtune.controlplane.database import DatabaseUnavailable
 from ragtune.controlplane.evaluations import EvaluationRecord, EvaluationStore, LeaseLost
+from ragtune.gate_metrics import gate_metric_name
 from ragtune.v1 import gateway_pb2
 from gateway.downstream import Downstream
 from gateway.evaluation import convert, gate, knowledge_update
@@ -170,7 +171,7 @@ class EvaluationWorker:
     def _verdict(record, spec, run: EvalRun) -> gate.Verdict:
         arms = {a.name: a for a in run.arms}
         g = spec.gate_run
-        return gate.decide(arms["candidate"], arms["incumbent"], metric=gate.metric_name(g.gate.metric),
+        return gate.decide(arms["candidate"], arms["incumbent"], metric=gate_metric_name(g.gate.metric),
                            margin=g.gate.margin, alias=g.gate.alias, candidate_version=g.candidate_version,
                            incumbent_version=g.incumbent_version, evaluation_id=record.id)
 

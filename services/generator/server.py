@@ -9,7 +9,6 @@ import grpc
 
 from ragtune.controlplane import Database
 from ragtune.controlplane.aliases import AliasStore
-from ragtune.errors import Unavailable
 from ragtune.registry import AdapterRegistry
 from ragtune.server import ServiceHealth
 from ragtune.tenancy import tenant_of
@@ -53,8 +52,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     @property
     def _core(self) -> Generator:
-        if self._service.generator is None:
-            raise Unavailable("the generator is still starting")
+        # Built in start() before health turns SERVING: ServiceHost's readiness gate answers UNAVAILABLE
+        # to calls that arrive earlier.
         return self._service.generator
 
     async def _open(self, request, context) -> GenerationStream:

@@ -9,6 +9,7 @@ from google.protobuf import timestamp_pb2
 
 from ragtune.controlplane.jobs import EventRecord, JobRecord
 from ragtune.errors import InvalidArgument
+from ragtune.gate_metrics import gate_metric_name, gate_metric_value
 from ragtune.registry import AdapterVersion
 from ragtune.v1 import trainer_pb2
 from services.trainer.core import DatasetCheck
@@ -81,20 +82,16 @@ def spec_request(spec: trainer_pb2.JobSpec) -> SpecRequest:
             eval_set = spec.gate.eval_set.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidArgument("spec.gate.eval_set", "must be UTF-8 JSONL") from None
-        gate = {"eval_set": eval_set, "alias": spec.gate.alias, "metric": GATE_METRICS[spec.gate.metric],
+        gate = {"eval_set": eval_set, "alias": spec.gate.alias, "metric": gate_metric_name(spec.gate.metric),
                 "margin": spec.gate.margin, "collection": spec.gate.collection}
     return SpecRequest(spec.adapter_name, spec.dataset, method_name(spec.method), lora, hp, gate)
-
-
-GATE_METRICS = {0: "token_f1", 1: "token_f1", 2: "exact_match", 3: "rouge_l", 4: "citation_precision"}
-GATE_METRIC_ENUMS = {"token_f1": 1, "exact_match": 2, "rouge_l": 3, "citation_precision": 4}
 
 
 def gate_message(gate: dict | None) -> trainer_pb2.PromotionGate | None:
     if not gate:
         return None
     return trainer_pb2.PromotionGate(eval_set=gate["eval_set"].encode(), alias=gate["alias"],
-                                     metric=GATE_METRIC_ENUMS[gate["metric"]], margin=gate["margin"],
+                                     metric=gate_metric_value(gate["metric"]), margin=gate["margin"],
                                      collection=gate["collection"])
 
 

@@ -1,5 +1,5 @@
 """The `ragtune` command-line client of the gateway."""
 
-from ragtune.cli.main import main
+from clients.cli.main import main
 
 __all__ = ["main"]

@@ -26,7 +26,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ragtune.cli.client import dev_key_path
+from clients.cli.client import dev_key_path
+from ragtune.tls import sync_channel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,8 +72,15 @@ def _port(service: LocalService) -> int:
     return int(os.environ.get(f"{service.prefix}PORT", service.port))
 
 
+HTTP_PORT_ENV = "RAGTUNE_GATEWAY_HTTP_PORT"  # the gateway's OpenAI-compatible HTTP API
+
+
+def http_port() -> int:
+    return int(os.environ.get(HTTP_PORT_ENV, 8080))
+
+
 def _status(address: str, name: str) -> int | None:
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address) as channel:  # TLS when the suite runs with RAGTUNE_TLS_* (ragtune/tls.py)
         try:
             return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
         except grpc.RpcError:
@@ -115,7 +123,10 @@ class LocalSuite:
         env.setdefault("RAGTUNE_GATEWAY_RETRIEVER_ADDRESS", f"127.0.0.1:{_port(SERVICES[0])}")
         env.setdefault("RAGTUNE_GATEWAY_GENERATOR_ADDRESS", f"127.0.0.1:{_port(SERVICES[1])}")
         env.setdefault("RAGTUNE_GATEWAY_TRAINER_ADDRESS", f"127.0.0.1:{_port(SERVICES[2])}")
+        env[HTTP_PORT_ENV] = str(http_port())
         self._env = env
+        if any(s.name == "gateway" for s in self.services) and _answers(http_port()):
+            raise RuntimeError(f"something already listens on 127.0.0.1:{http_port()}; stop it or set {HTTP_PORT_ENV}")
         for s in self.services:
             address = f"127.0.0.1:{_port(s)}"
             if _status(address, "") is not None:
@@ -200,6 +211,15 @@ class LocalSuite:
                 print(f"stopped {s.name} (exit {proc.returncode})")
 
 
+def _answers(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def isolated_suite(prefix: str) -> tuple["LocalSuite", str]:
     """A suite in a fresh temporary RAGTUNE_HOME on free ports (for benchmarks and examples that
     must not collide with services already running); returns it with the gateway's address."""
@@ -212,6 +232,9 @@ def isolated_suite(prefix: str) -> tuple["LocalSuite", str]:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             os.environ[f"{s.prefix}PORT"] = str(sock.getsockname()[1])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ[HTTP_PORT_ENV] = str(sock.getsockname()[1])
     for s in SERVICES[:3]:
         os.environ[f"RAGTUNE_GATEWAY_{s.name.upper()}_ADDRESS"] = f"127.0.0.1:{_port(s)}"
     return LocalSuite(home), f"127.0.0.1:{_port(SERVICES[-1])}"
@@ -230,8 +253,9 @@ def run_up(demo: bool = False, exit_after: bool = False) -> int:
         suite.start()
         suite.wait_serving()
         print(f"\nragtune is up: gateway at 127.0.0.1:{_port(SERVICES[-1])}, API key in {dev_key_path()}")
+        print(f"OpenAI-compatible HTTP API at http://127.0.0.1:{http_port()}/v1 (same API key)")
         if demo:
-            from ragtune.cli.demo import run_demo
+            from clients.cli.demo import run_demo
 
             run_demo(f"127.0.0.1:{_port(SERVICES[-1])}", dev_key_path().read_text().strip())
         if exit_after:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ragtune.cli.client import GatewayClient
+from clients.cli.client import GatewayClient
 from ragtune.v1 import gateway_pb2
 
 

@@ -7,9 +7,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from ragtune.cli.client import GatewayClient
-from ragtune.cli.main import ask, ingest, upload_dataset, watch_job
-from ragtune.samples import jeopardy, wiki100_articles
+from clients.cli.client import GatewayClient
+from clients.cli.operations import ask, ingest, upload_dataset, watch_job
+from clients.samples import jeopardy, wiki100_articles
 from ragtune.v1 import gateway_pb2, retriever_pb2, trainer_pb2
 
 DEMO_COLLECTION = "wiki"

@@ -6,135 +6,20 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 
-from ragtune.cli.client import DEFAULT_GATEWAY, GatewayClient, describe_error, resolve_api_key
-from ragtune.values import to_value
-from ragtune.v1 import gateway_pb2, generator_pb2, retriever_pb2, trainer_pb2
+from clients.cli.client import DEFAULT_GATEWAY, GatewayClient, describe_error, resolve_api_key
+from clients.cli.operations import ask, ingest, iter_documents, upload_dataset, watch_job
+from ragtune.tls import TLSConfigError
+from ragtune.v1 import gateway_pb2, generator_pb2, trainer_pb2
 
-_TEXT_SUFFIXES = {".txt", ".md", ".rst"}
-_BATCH_DOCS = 16
-_UPLOAD_CHUNK = 1 << 20
 
 
 def _client(args) -> GatewayClient:
-    return GatewayClient(args.gateway, resolve_api_key(args.api_key))
-
-
-def iter_documents(paths: list[str]) -> Iterator[retriever_pb2.Document]:
-    """Documents from text files (id = file stem), folders of them, and JSONL files of {id, text, metadata}."""
-    for raw in paths:
-        path = Path(raw)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            if file.suffix == ".jsonl":
-                for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-                    if line.strip():
-                        item = json.loads(line)
-                        doc = retriever_pb2.Document(id=str(item["id"]), text=item["text"])
-                        for key, value in (item.get("metadata") or {}).items():
-                            doc.metadata[key].CopyFrom(to_value(value))
-                        yield doc
-            elif file.suffix in _TEXT_SUFFIXES:
-                yield retriever_pb2.Document(id=file.stem, text=file.read_text(encoding="utf-8"))
-
-
-def ensure_collection(client: GatewayClient, name: str) -> None:
-    try:
-        client.call("GetCollection", gateway_pb2.GatewayServiceGetCollectionRequest(
-            request=retriever_pb2.GetCollectionRequest(name=name)))
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:
-            raise
-        client.call("CreateCollection", gateway_pb2.GatewayServiceCreateCollectionRequest(
-            request=retriever_pb2.CreateCollectionRequest(collection=retriever_pb2.Collection(name=name))))
-
-
-def ingest(client: GatewayClient, collection: str, docs: list[retriever_pb2.Document], quiet: bool = False) -> dict:
-    """Upserts documents in batches with a progress bar; returns the totals."""
-    from tqdm import tqdm
-
-    ensure_collection(client, collection)
-    totals = {"upserted": 0, "unchanged": 0, "chunks": 0}
-    with tqdm(total=len(docs), unit="doc", desc=f"ingest -> {collection}", disable=quiet) as bar:
-        for start in range(0, len(docs), _BATCH_DOCS):
-            batch = docs[start:start + _BATCH_DOCS]
-            reply = client.call("UpsertDocuments", gateway_pb2.GatewayServiceUpsertDocumentsRequest(
-                request=retriever_pb2.UpsertDocumentsRequest(collection=collection, documents=batch))).response
-            totals["upserted"] += reply.upserted
-            totals["unchanged"] += reply.unchanged
-            totals["chunks"] += reply.chunks
-            bar.update(len(batch))
-            bar.set_postfix(chunks=totals["chunks"])
-    return totals
-
-
-def ask(client: GatewayClient, question: str, *, collection: str = "", adapter: str = "", top_k: int = 0,
-        no_retrieval: bool = False, max_tokens: int = 0, out=sys.stdout) -> gateway_pb2.AskDone:
-    """Streams an answer to `out`, then prints its sources; returns the final message."""
-    q = gateway_pb2.AskQuestion(question=question, collection=collection, adapter=adapter, top_k=top_k,
-                                no_retrieval=no_retrieval)
-    if max_tokens:
-        q.sampling.max_tokens = max_tokens
-    done = gateway_pb2.AskDone()
-    for event in client.stream("AskStream", gateway_pb2.AskStreamRequest(question=q)):
-        kind = event.WhichOneof("event")
-        if kind == "delta":
-            out.write(event.delta)
-            out.flush()
-        elif kind == "done":
-            done = event.done
-    out.write("\n")
-    for c in done.citations:
-        mark = " (inferred)" if c.inferred else ""
-        out.write(f"  [{c.number}] {c.document_id} chunk {c.chunk_index} score {c.score:.3f}{mark}\n")
-    t = done.timing
-    out.write(f"  ({done.usage.completion_tokens} tokens; first token {t.time_to_first_token_ms:.0f} ms, "
-              f"total {t.total_ms:.0f} ms)\n")
-    return done
-
-
-def upload_dataset(client: GatewayClient, path: Path, name: str) -> trainer_pb2.UploadDatasetResponse:
-    data = path.read_bytes()
-    requests = [
-        gateway_pb2.GatewayServiceUploadDatasetRequest(request=trainer_pb2.UploadDatasetRequest(
-            name=name if i == 0 else "", content=data[i:i + _UPLOAD_CHUNK]))
-        for i in range(0, max(len(data), 1), _UPLOAD_CHUNK)
-    ]
-    return client.stream_in("UploadDataset", requests).response
-
-
-def watch_job(client: GatewayClient, job_id: str, quiet: bool = False) -> trainer_pb2.Job:
-    """Follows a job's events with a progress bar until it ends; returns the final job."""
-    from tqdm import tqdm
-
-    bar = None
-    stream = client.stream("WatchJob", gateway_pb2.GatewayServiceWatchJobRequest(
-        request=trainer_pb2.WatchJobRequest(id=job_id)))
-    for item in stream:
-        event = item.response.event
-        kind = event.WhichOneof("event")
-        if kind == "progress":
-            p = event.progress
-            if bar is None:
-                bar = tqdm(total=p.total_steps, unit="step", desc=f"train {job_id[:8]}", disable=quiet)
-            bar.n = p.step
-            bar.set_postfix(loss=f"{p.train_loss:.3f}", tok_s=f"{p.tokens_per_second:.0f}")
-            bar.refresh()
-        elif kind == "state_changed" and not quiet:
-            (bar.write if bar else print)(f"job {job_id[:8]}: {trainer_pb2.JobState.Name(event.state_changed)}")
-        elif kind == "epoch_end" and not quiet and bar:
-            e = event.epoch_end
-            val = f", validation loss {e.validation_loss:.3f}" if e.HasField("validation_loss") else ""
-            bar.write(f"epoch {e.epoch}: train loss {e.train_loss:.3f}{val}")
-    if bar:
-        bar.close()
-    return client.call("GetJob", gateway_pb2.GatewayServiceGetJobRequest(
-        request=trainer_pb2.GetJobRequest(id=job_id))).response.job
+    return GatewayClient(args.gateway, resolve_api_key(args.api_key), tls=args.tls, ca=args.ca, cert=args.cert,
+                         key=args.key, server_name=args.server_name)
 
 
 def _cmd_ingest(args) -> int:
@@ -345,7 +230,7 @@ def _bootstrap_key(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from ragtune.cli.evaluate import print_summary, run_evaluation
+    from clients.cli.evaluate import print_summary, run_evaluation
 
     spec = gateway_pb2.EvaluationSpec(eval_set=Path(args.eval_set).read_bytes(), collection=args.collection,
                                       adapter=args.adapter, top_k=args.top_k)
@@ -364,7 +249,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_up(args) -> int:
-    from ragtune.launcher import run_up
+    from clients.launcher import run_up
 
     return run_up(demo=args.demo, exit_after=args.exit)
 
@@ -374,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gateway", default=os.environ.get("RAGTUNE_GATEWAY_URL", DEFAULT_GATEWAY),
                         help="gateway host:port (env RAGTUNE_GATEWAY_URL)")
     parser.add_argument("--api-key", default=None, help="API key (env RAGTUNE_API_KEY; default the local dev key)")
+    tls = parser.add_argument_group("TLS (each defaults to the environment variable named)")
+    tls.add_argument("--tls", action="store_true", help="connect over TLS, trusting --ca or gRPC's default roots"
+                     " (env RAGTUNE_TLS=1)")
+    tls.add_argument("--ca", metavar="PATH", help="CA certificate (PEM) the gateway's certificate is signed by;"
+                     " implies --tls (env RAGTUNE_TLS_CA_FILE)")
+    tls.add_argument("--cert", metavar="PATH", help="client certificate (PEM) for a gateway that requires one;"
+                     " implies --tls (env RAGTUNE_TLS_CLIENT_CERT_FILE)")
+    tls.add_argument("--key", metavar="PATH", help="the key of --cert (env RAGTUNE_TLS_CLIENT_KEY_FILE)")
+    tls.add_argument("--server-name", metavar="NAME", help="name to verify in the gateway's certificate instead"
+                     " of the host of --gateway (env RAGTUNE_TLS_SERVER_NAME_OVERRIDE)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="start the four services locally and wait until they serve")
@@ -471,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"error: {describe_error(exc)}", file=sys.stderr)
         return 1
+    except TLSConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -19,8 +19,8 @@ import re
 import sys
 from pathlib import Path
 
-from ragtune.samples import jeopardy
-from ragtune.v1 import gateway_pb2, retriever_pb2, trainer_pb2
+from clients.samples import jeopardy
+from ragtune.v1 import gateway_pb2, trainer_pb2
 
 COLLECTION = "jeopardy"
 ADAPTER = "jeopardy-terse"
@@ -86,8 +86,8 @@ def build_example(folder: Path, questions: int, kb: int, finetune: int, seed: in
 
 
 def run_example(client, paths: dict[str, Path], out_dir: Path, max_steps: int) -> gateway_pb2.GetEvaluationResponse:
-    from ragtune.cli.evaluate import print_summary, run_evaluation
-    from ragtune.cli.main import ingest, iter_documents, upload_dataset, watch_job
+    from clients.cli.evaluate import print_summary, run_evaluation
+    from clients.cli.operations import ingest, iter_documents, upload_dataset, watch_job
 
     print("== knowledge base")
     ingest(client, COLLECTION, list(iter_documents([str(paths["kb"])])))
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None)
     args = parser.parse_args(argv)
 
-    from ragtune.cli.client import GatewayClient, dev_key_path, resolve_api_key
+    from clients.cli.client import GatewayClient, dev_key_path, resolve_api_key
 
     paths = build_example(Path(args.out) / "data", args.questions, args.kb, args.finetune)
     if args.gateway:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         reply = run_example(client, paths, Path(args.out), args.max_steps)
         return 0 if reply.evaluation.state == gateway_pb2.EVALUATION_STATE_SUCCEEDED else 1
 
-    from ragtune.launcher import isolated_suite
+    from clients.launcher import isolated_suite
 
     suite, gateway = isolated_suite("ragtune-eval-")
     try:
