@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from typing import Any, Iterator
 
 from ragtune.errors import InvalidArgument, NotFound
 from ragtune.naming import RESOURCE_NAME
+
+log = logging.getLogger(__name__)
 
 METADATA_FILE = "ragtune.json"
 _STAGING = ".staging"
@@ -116,7 +119,13 @@ class AdapterRegistry:
         for name_dir in sorted(tenant_dir.iterdir()):
             if RESOURCE_NAME.matches(name_dir.name):
                 for version in self.versions(tenant, name_dir.name):
-                    found.append(self.get(tenant, f"{name_dir.name}/{version}"))
+                    try:
+                        found.append(self.get(tenant, f"{name_dir.name}/{version}"))
+                    except InvalidArgument:
+                        # A folder that resolves outside the registry (a planted symlink) is never served; one
+                        # such entry must not make the tenant's whole listing fail.
+                        log.warning("skipping %s/%s/%d: it resolves outside the adapter registry",
+                                    tenant, name_dir.name, version)
         return found
 
     @contextmanager

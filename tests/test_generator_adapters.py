@@ -151,6 +151,10 @@ def test_symlink_leaving_the_registry_is_refused(stub, registry, make_adapter, t
     shutil.move(str(outside.path.parent), tmp_path / "escaped")
     os.symlink(tmp_path / "escaped", registry.root / GENERATOR_TEST_TENANT / "escaped")
     assert "outside" in _refused(stub, "escaped").details()
+    # Listing the tenant's adapters skips it instead of failing as a whole.
+    make_adapter("beside-the-escape")
+    listed = {a.name for a in registry.list(GENERATOR_TEST_TENANT)}
+    assert "escaped" not in listed and "beside-the-escape" in listed, listed
 
 
 def test_weights_file_linking_outside_is_refused(stub, make_adapter, tmp_path):
