@@ -25,7 +25,7 @@ import sys
 import time
 
 from bench.answers_data import KINDS, UNANSWERABLE, UPDATE, Corpus, Item, build_corpus
-from bench.answers_score import Answer, score, tally
+from bench.answers_score import Answer, StreamedAnswer, score, tally
 from bench.common import write_result
 
 COLLECTION = "answers"
@@ -46,19 +46,11 @@ class GatewayArm:
         q = gateway_pb2.AskQuestion(question=item.question, collection=COLLECTION, **self._options)
         if self._max_tokens:
             q.sampling.max_tokens = self._max_tokens
-        parts, context, done, ttft = [], [], None, None
-        t0 = time.perf_counter()
+        answer = StreamedAnswer(time.perf_counter())
         for event in self._client.stream("AskStream", gateway_pb2.AskStreamRequest(question=q)):
-            kind = event.WhichOneof("event")
-            if kind == "delta":
-                ttft = ttft or time.perf_counter() - t0
-                parts.append(event.delta)
-            elif kind == "context":
-                context = list(event.context.context)
-            elif kind == "done":
-                done = event.done
-        elapsed = time.perf_counter() - t0
-        return _from_done(self.name, item, "".join(parts), context, done, elapsed, ttft)
+            answer.take(event)
+        elapsed = time.perf_counter() - answer.started
+        return _from_done(self.name, item, "".join(answer.parts), answer.context, answer.done, elapsed, answer.ttft)
 
 
 def _from_done(arm: str, item: Item, text: str, context, done, elapsed: float, ttft: float | None) -> Answer:

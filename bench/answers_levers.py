@@ -11,7 +11,7 @@ import threading
 import time
 
 from bench.answers_data import Item
-from bench.answers_score import Answer
+from bench.answers_score import Answer, StreamedAnswer
 
 
 def _variants():
@@ -89,18 +89,11 @@ class LeverArm:
         q = gateway_pb2.AskQuestion(question=item.question, collection="answers")
         if self._max_tokens:
             q.sampling.max_tokens = self._max_tokens
-        parts, context, done, ttft = [], [], None, None
-        t0 = time.perf_counter()
+        answer = StreamedAnswer(time.perf_counter())
         async for event in self._pipeline.stream(q, CallBudget("demo", time.monotonic() + 300)):
-            kind = event.WhichOneof("event")
-            if kind == "delta":
-                ttft = ttft or time.perf_counter() - t0
-                parts.append(event.delta)
-            elif kind == "context":
-                context = list(event.context.context)
-            elif kind == "done":
-                done = event.done
-        return "".join(parts), context, done, time.perf_counter() - t0, ttft
+            answer.take(event)
+        elapsed = time.perf_counter() - answer.started
+        return "".join(answer.parts), answer.context, answer.done, elapsed, answer.ttft
 
     def ask(self, item: Item) -> Answer:
         from bench.answers_bench import _from_done

@@ -4,9 +4,31 @@ a group of answers into the figures of its table."""
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 from bench.common import summary
+
+
+@dataclass
+class StreamedAnswer:
+    """What one AskStream sent (through the gateway or the pipeline in process), as it arrived."""
+
+    started: float  # time.perf_counter() when the request went out
+    parts: list[str] = field(default_factory=list)
+    context: list = field(default_factory=list)
+    done: object = None
+    ttft: float | None = None
+
+    def take(self, event) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "delta":
+            self.ttft = self.ttft or time.perf_counter() - self.started
+            self.parts.append(event.delta)
+        elif kind == "context":
+            self.context = list(event.context.context)
+        elif kind == "done":
+            self.done = event.done
 
 # Ways a small model says the documents do not answer (it rarely uses the exact requested phrase).
 _ABSTAIN = re.compile(

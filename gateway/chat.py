@@ -8,7 +8,6 @@ fitting, abstention, attribution); what Chat adds is the search query of a later
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -22,7 +21,7 @@ from gateway.chat_rewrite import (
 )
 from gateway.downstream import CallBudget, Downstream
 from gateway.prompting import ABSTENTION, ContextPassage, build_messages
-from gateway.rag import AskPipeline, TokenCounter, question_violations
+from gateway.rag import AskPipeline, TokenCounter, after_first_event, question_violations
 from gateway.selection import about_the_question, select_passages
 
 log = logging.getLogger(__name__)
@@ -226,20 +225,12 @@ class ChatPipeline:
                         budget: CallBudget) -> AsyncIterator[gateway_pb2.ChatStreamResponse]:
         """Streams the generator's choices as delta events, after `first_event` (the context) if any."""
         run.started = time.perf_counter()
-        parts = self._down.generator.generate_stream(request, budget)
-        async with contextlib.aclosing(parts):  # leaving early cancels the generator's work at once
-            # The call starts before the context event is sent, so sending it overlaps the generator's prefill.
-            pending = asyncio.ensure_future(anext(parts, None))
-            try:
-                if first_event is not None:
-                    yield first_event
-                part = await pending
-            finally:
-                if not pending.done():
-                    pending.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await pending
-            while part is not None:
+        stream = after_first_event(self._down.generator.generate_stream(request, budget), first_event)
+        async with contextlib.aclosing(stream):  # leaving early cancels the generator's work at once
+            async for part in stream:
+                if part is first_event:
+                    yield part
+                    continue
                 if not 0 <= part.index < run.n:
                     raise RuntimeError(f"the generator sent choice {part.index} of {run.n}")
                 while len(run.choices) <= part.index:
@@ -255,7 +246,6 @@ class ChatPipeline:
                     choice.finish_reason = part.finish_reason
                 if part.HasField("usage"):  # the last message of the stream
                     run.final = part
-                part = await anext(parts, None)
 
 
 def _question(conversation: gateway_pb2.ChatConversation, query: str) -> gateway_pb2.AskQuestion:

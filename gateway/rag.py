@@ -116,6 +116,26 @@ class AnswerOptions:
         )
 
 
+async def after_first_event(parts: AsyncIterator, first_event) -> AsyncIterator:
+    """The generator's stream, with `first_event` (the context event, or None) yielded first: the call has
+    started already, so sending the context overlaps the generator's prefill. Closing this closes the call,
+    which cancels the generator's work at once."""
+    async with contextlib.aclosing(parts):
+        pending = asyncio.ensure_future(anext(parts, None))
+        try:
+            if first_event is not None:
+                yield first_event
+            part = await pending
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
+        while part is not None:
+            yield part
+            part = await anext(parts, None)
+
+
 class AskPipeline:
     """One RAG request end to end; Ask aggregates the same stream AskStream sends."""
 
@@ -256,20 +276,12 @@ class AskPipeline:
                         budget: CallBudget) -> AsyncIterator[gateway_pb2.AskStreamResponse]:
         """Streams the generator's answer as delta events, after `first_event` (the context) if any."""
         gen.started = time.perf_counter()
-        parts = self._down.generator.generate_stream(request, budget)
-        async with contextlib.aclosing(parts):  # leaving early cancels the generator's work at once
-            # The call starts before the context event is sent, so sending it overlaps the generator's prefill.
-            pending = asyncio.ensure_future(anext(parts, None))
-            try:
-                if first_event is not None:
-                    yield first_event
-                part = await pending
-            finally:
-                if not pending.done():
-                    pending.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await pending
-            while part is not None:
+        stream = after_first_event(self._down.generator.generate_stream(request, budget), first_event)
+        async with contextlib.aclosing(stream):  # leaving early cancels the generator's work at once
+            async for part in stream:
+                if part is first_event:
+                    yield part
+                    continue
                 delta, ended = part.delta, False
                 if delta and gen.one_sentence:
                     end = first_sentence_end(gen.text + delta, len(gen.text))
@@ -294,7 +306,6 @@ class AskPipeline:
                     return
                 if part.finish_reason:
                     gen.final = part
-                part = await anext(parts, None)
 
     async def ask(self, q: gateway_pb2.AskQuestion, budget: CallBudget) -> gateway_pb2.AskResponse:
         response = gateway_pb2.AskResponse()
