@@ -8,6 +8,8 @@ gateway, and asks every question through three arms, interleaved question by que
 - plain: fixed 150-word chunks, exact vector search with the same embedder, top 3, a plain prompt,
          then the same generator (bench/answers_plain.py).
 Update questions are asked after their documents were re-ingested with a changed fact (same ids).
+Every run also has `rag:four-passages`, the gateway's pipeline made to keep four passages whatever their
+weight: the time to first token with four passages of context is a target of its own.
 `--levers all` adds in-process gateway pipelines with one answer setting changed each (same retriever
 and generator), so each lever's effect is measured in the same run; `--engine-variants` starts more
 generators with environment overrides (threads, compiled mode) and sends them the gold prompts too;
@@ -167,7 +169,10 @@ def summarize(results: list[Answer], arms: list[str]) -> dict:
 
 def targets(table: dict) -> dict:
     """The issue's targets, checked on this run."""
+    from bench.answers_levers import FOUR_PASSAGES
+
     rag, gold, plain = table["rag"], table["gold"], table["plain"]
+    four = table[f"rag:{FOUR_PASSAGES}"]
     within = {k: rag[k]["correct"] >= gold[k]["correct"] - 1 for k in KINDS}
     return {
         "rag_within_one_of_gold_per_kind": within,
@@ -178,6 +183,11 @@ def targets(table: dict) -> dict:
         "rag_no_slower_than_plain": rag["all"]["latency_ms"]["p50"] <= plain["all"]["latency_ms"]["p50"],
         "rag_ttft_p50_ms": rag["all"]["ttft_ms"]["p50"],
         "rag_ttft_under_500_ms": rag["all"]["ttft_ms"]["p50"] < 500,
+        # The same pipeline made to keep four passages whatever their weight: the prompt size the target names.
+        "four_passages_mean": four["all"]["passages_mean"],
+        "four_passages_prompt_tokens_mean": four["all"]["prompt_tokens_mean"],
+        "four_passages_ttft_p50_ms": four["all"]["ttft_ms"]["p50"],
+        "four_passages_ttft_under_500_ms": four["all"]["ttft_ms"]["p50"] < 500,
         "stale_answers": rag[UPDATE]["stale"],
     }
 
@@ -307,14 +317,13 @@ def main(argv: list[str] | None = None) -> int:
             arm = GoldArm(engine.address, gold_tokens, stop)
             arm.name = f"gold@{engine.name}"
             arms.append(arm)
-        lever_arms = []
-        if args.levers:
-            from bench.answers_levers import lever_arms as make_lever_arms
-            from bench.answers_levers import names as lever_names
+        from bench.answers_levers import FOUR_PASSAGES
+        from bench.answers_levers import lever_arms as make_lever_arms
+        from bench.answers_levers import names as lever_names
 
-            chosen = lever_names() if args.levers == "all" else [n for n in args.levers.split(",") if n]
-            lever_arms = make_lever_arms(chosen, args.rag_max_tokens)
-            arms += lever_arms
+        chosen = lever_names() if args.levers == "all" else [n for n in args.levers.split(",") if n]
+        lever_arms = make_lever_arms([FOUR_PASSAGES, *[n for n in chosen if n != FOUR_PASSAGES]], args.rag_max_tokens)
+        arms += lever_arms
         warm = Item("warm-up", "warm-up", "What is engineering?", ("engineering",), "Engineering",
                     gold_passage=corpus.documents.get("Engineering", "Engineering is the practice of design.")[:600])
         for arm in arms:

