@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import summary, write_result
+from services.retriever.settings import RetrieverSettings
 
 TENANT = "bench"
 DIM = 384
@@ -115,8 +116,8 @@ def build_collection(args, cache: Path, texts: list[str], base: np.ndarray) -> d
     name = f"scale{args.vectors}"
     manifest_path = cache / f"{name}.json"
     store_dir = cache / "store"
-    if manifest_path.exists() and not args.rebuild:
-        manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    if manifest and manifest.get("rows_per_partition") == args.rows_per_partition and not args.rebuild:
         try:
             table = lancedb.connect(str(store_dir / TENANT)).open_table(name)
             if table.version != manifest["version"]:
@@ -129,7 +130,8 @@ def build_collection(args, cache: Path, texts: list[str], base: np.ndarray) -> d
     for stale in (store_dir / TENANT / "_collections" / f"{name}.json", store_dir / TENANT / "_indexes" / f"{name}.json"):
         stale.unlink(missing_ok=True)
 
-    store = LanceDBStore(store_dir, DIM, auto_index=False)  # one build at the end instead of one per doubling
+    # One build at the end instead of one per doubling, partitioned as the service would partition it.
+    store = LanceDBStore(store_dir, DIM, auto_index=False, ann_rows_per_partition=args.rows_per_partition)
     spec = CollectionSpec(name, 200, 40, {"seq": FieldType.INT}, datetime.now(timezone.utc))
     store.create_collection(TENANT, spec)
     write_s = 0.0
@@ -158,6 +160,7 @@ def build_collection(args, cache: Path, texts: list[str], base: np.ndarray) -> d
     table = lancedb.connect(str(store_dir / TENANT)).open_table(name)
     manifest = {
         "vectors": args.vectors,
+        "rows_per_partition": args.rows_per_partition,
         "version": table.version,
         "write_seconds": round(write_s, 1),
         "index_seconds": round(index_s, 1),
@@ -176,12 +179,13 @@ def build_collection(args, cache: Path, texts: list[str], base: np.ndarray) -> d
 class Service:
     """`python -m services.retriever` on the cached store, as its own process."""
 
-    def __init__(self, store_dir: Path, log_path: Path):
+    def __init__(self, store_dir: Path, log_path: Path, rows_per_partition: int):
         from tests.grpc_support import free_port, wait_serving
 
         self.port = free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAGTUNE_RETRIEVER_PORT": str(self.port),
-               "RAGTUNE_RETRIEVER_DATA_DIR": str(store_dir), "RAGTUNE_LOG_LEVEL": "WARNING"}
+               "RAGTUNE_RETRIEVER_DATA_DIR": str(store_dir), "RAGTUNE_LOG_LEVEL": "WARNING",
+               "RAGTUNE_RETRIEVER_ANN_ROWS_PER_PARTITION": str(rows_per_partition)}
         self.proc = subprocess.Popen([sys.executable, "-m", "services.retriever"], env=env,
                                      stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
         self.address = f"127.0.0.1:{self.port}"
@@ -271,8 +275,9 @@ class Reference:
             rows = [(c, s) for c, s in rows if self._seq.get(c, -1) < visible]
         return rows[:limit]
 
-    def answer(self, mode: str, query: str, visible: int | None, candidates: int = 100) -> set[str]:
+    def answer(self, mode: str, query: str, visible: int | None) -> set[str]:
         v = visible or 0
+        candidates = max(10, RetrieverSettings().hybrid_candidates)  # the service's (RAGTUNE_RETRIEVER_HYBRID_CANDIDATES)
         if mode == "vector":
             return {c for c, _ in self._vector(query, v, 10)}
         keyword = self._keyword(query, visible, candidates)
@@ -310,7 +315,7 @@ def run_queries(stub, name: str, queries: list[str], mode: str, md) -> list[tupl
 
 
 def concurrent_phase(stub, name: str, md, queries: list[str], docs: list[tuple[str, str]], seq0: int,
-                     visible: "Visible", rebuild: tuple[Path, str] | None = None, pause_s: float = 0.1) -> dict:
+                     visible: "Visible", args, rebuild: tuple[Path, str] | None = None, pause_s: float = 0.1) -> dict:
     """Streams `docs` (metadata seq = seq0 + position) through Ingest while searching in all three modes, and
     optionally while an index rebuild job runs on the same table; returns the records and the ingest figures."""
     from ragtune.v1 import retriever_pb2 as R
@@ -323,7 +328,7 @@ def concurrent_phase(stub, name: str, md, queries: list[str], docs: list[tuple[s
         store_dir, table = rebuild
         rows = visible._table.count_rows()
         args_ = {"uri": str(store_dir / TENANT), "table": table, "index_name": "vector_idx", "action": "build",
-                 "partitions": IndexPolicy().partitions_for(rows), "nice": 10}
+                 "partitions": IndexPolicy(rows_per_partition=args.rows_per_partition).partitions_for(rows), "nice": 10}
         builder = Path(__file__).resolve().parent.parent / "services" / "retriever" / "backends" / "lancedb_builder.py"
         job = {"started": time.perf_counter(),
                "proc": subprocess.Popen([sys.executable, str(builder), json.dumps(args_)], stdout=subprocess.PIPE, text=True)}
@@ -382,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ragtune" / "bench" / "retriever-scale")
     parser.add_argument("--block", type=int, default=100_000, help="rows per write while building")
     parser.add_argument("--rebuild", action="store_true", help="build the collection even if the cache has it")
+    parser.add_argument("--rows-per-partition", type=int, default=RetrieverSettings.model_fields["ann_rows_per_partition"].default,
+                        help="IVF partition size of the vector index (the service's RAGTUNE_RETRIEVER_ANN_ROWS_PER_PARTITION)")
     parser.add_argument("--query-pause-ms", type=float, default=100,
                         help="pause between queries while the ingest runs (a steady load rather than a flood)")
     parser.add_argument("--during-rebuild", action="store_true",
@@ -409,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(queries) < args.queries:
         queries = [c["Question"] for c in jeopardy("1k")][: args.queries]
 
-    service = Service(args.cache / "store", args.cache / "service.log")
+    service = Service(args.cache / "store", args.cache / "service.log", args.rows_per_partition)
     md = tenant_metadata(TENANT)
     result: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "build": built}
     try:
@@ -439,14 +446,14 @@ def main(argv: list[str] | None = None) -> int:
             # Phase 2: the same queries while a 10k-document ingest streams into the collection.
             docs = ingest_documents(args.ingest_docs)
             pause = args.query_pause_ms / 1000
-            phase = concurrent_phase(stub, name, md, queries, docs, 0, visible, pause_s=pause)
+            phase = concurrent_phase(stub, name, md, queries, docs, 0, visible, args, pause_s=pause)
             result["memory_after_ingest"] = service.memory()
             # Phase 3 (optional): again, while the vector index is rebuilt by the same job the service's
             # maintainer runs (a child process on the same table), to show neither waits on it.
             rebuild_phase = None
             if args.during_rebuild:
                 rebuild_phase = concurrent_phase(stub, name, md, queries, [(f"rb{d[3:]}", t) for d, t in docs],
-                                                 len(docs), visible, rebuild=(args.cache / "store", name), pause_s=pause)
+                                                 len(docs), visible, args, rebuild=(args.cache / "store", name), pause_s=pause)
             ids_, matrix = _ingested_vectors(visible, len(docs) * (2 if rebuild_phase else 1))
             reference.set_ingested(ids_, matrix)
             for label, data in (("during_ingest", phase), ("during_ingest_and_rebuild", rebuild_phase)):

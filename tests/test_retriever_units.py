@@ -213,3 +213,23 @@ def test_weaviate_vector_index_is_dynamic_with_the_embedded_threshold():
     assert dynamic.hnsw.ef == -1 and dynamic.hnsw.dynamicEfMin == 100  # dynamic ef: recall scales with top_k
     hnsw = vector_index_config("hnsw", 10_000)
     assert type(hnsw).__name__ == "_VectorIndexConfigHNSWCreate"
+
+
+def test_query_embedding_matches_sentence_transformers_and_the_ingest_path():
+    """Queries are embedded without SentenceTransformer.encode and chunks from token ids: both must give the
+    model's own vectors, or searches would drift from what was ingested. Texts of different lengths share a
+    padded batch."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from services.retriever.embedding import Embedder
+
+    texts = ["a small cat", "The Treaty of Westphalia ended the Thirty Years' War in 1648.", "kitten " * 40]
+    embedder = Embedder(embedding_model_path(), batch_size=2)
+    reference = SentenceTransformer(str(embedding_model_path()), device="cpu").encode(texts, normalize_embeddings=True)
+    ours = embedder.embed(texts)
+    assert ours.shape == (3, 384) and ours.dtype == np.float32
+    assert np.abs(ours - reference).max() < 1e-5
+    ids = [embedder.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert np.abs(embedder.embed_token_ids(ids) - reference).max() < 1e-5
+    assert embedder.embed([]).shape == (0, 384)

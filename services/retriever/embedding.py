@@ -42,17 +42,33 @@ class Embedder:
         return self._model.tokenizer
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """Unit-length vectors of short texts (search queries): tokenizes them itself."""
+        """Unit-length vectors of short texts (search queries): tokenizes them itself.
+
+        The same pipeline as `SentenceTransformer.encode` (identical vectors to 1e-7), called directly: encode's
+        own bookkeeping cost a search query 2 ms of its 11 here."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = self._model.encode(
-            texts,
-            batch_size=self._batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return vectors.astype(np.float32, copy=False)
+        torch = self._torch
+        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(texts), self._batch_size):
+                batch = texts[start : start + self._batch_size]
+                encoded = self._model.tokenizer(
+                    batch, padding=True, truncation=True, max_length=self._model.max_seq_length, return_tensors="pt"
+                )
+                out[start : start + len(batch)] = self._pool(
+                    self._transformer(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]),
+                    encoded["attention_mask"],
+                )
+        return out
+
+    def _pool(self, output, mask) -> np.ndarray:
+        """Mean over the real tokens, then unit length: this model's sentence-transformers pooling."""
+        torch = self._torch
+        hidden = output.last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Tokens the model reads of each text (with its special tokens, after truncation to its window)."""
@@ -80,11 +96,7 @@ class Embedder:
                     seq = [self._cls, *sequences[i][:limit], self._sep]
                     ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
                     mask[r, : len(seq)] = 1
-                hidden = self._transformer(input_ids=ids, attention_mask=mask).last_hidden_state
-                weights = mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[rows] = pooled.numpy()
+                out[rows] = self._pool(self._transformer(input_ids=ids, attention_mask=mask), mask)
         return out
 
 

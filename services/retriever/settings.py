@@ -77,7 +77,7 @@ class RetrieverSettings(ServiceSettings):
         10, ge=0, le=19, description="CPU priority drop (nice) of the background index process of the embedded store."
     )
     ann_rows_per_partition: int = Field(
-        50_000, ge=100, description="Rows per IVF partition the vector index is trained for (rebuilt at 2x drift)."
+        500_000, ge=100, description="Rows per IVF partition the vector index is trained for (rebuilt at 2x drift)."
     )
 
     @property

@@ -3,7 +3,10 @@
 Policy (`IndexPolicy.plan`), applied after every write and again after every job:
 
 - below `min_rows` chunks a collection has no vector index: vector search is exact;
-- from `min_rows` on it gets an IVF_HNSW_SQ index with about `rows_per_partition` rows per partition;
+- from `min_rows` on it gets an IVF_HNSW_SQ index with about `rows_per_partition` rows per partition (500k:
+  a query searches the HNSW graph of every partition it probes, so a few large graphs answer sooner than many
+  small ones; at 1M rows two partitions built in 539 s, against 1,301 s for twenty of 50k, and the search
+  itself took 7.7 ms p50 at recall@10 0.94 in process);
 - rows written since the last job are *unindexed*: LanceDB searches them exactly alongside the indexes, so
   they are found at once. An optimize job folds them into the trained partitions and the full-text index
   once the full-text index has more than `fold_min_rows` of them (its exact search is the expensive one:
@@ -56,7 +59,7 @@ class IndexState:
 @dataclass(frozen=True)
 class IndexPolicy:
     min_rows: int = 10_000
-    rows_per_partition: int = 50_000
+    rows_per_partition: int = 500_000
     max_partitions: int = 256
     fold_fraction: float = 0.05
     fold_min_rows: int = 1_000
