@@ -9,7 +9,9 @@ gateway, and asks every question through three arms, interleaved question by que
          then the same generator (bench/answers_plain.py).
 Update questions are asked after their documents were re-ingested with a changed fact (same ids).
 Every run also has `rag:four-passages`, the gateway's pipeline made to keep four passages whatever their
-weight: the time to first token with four passages of context is a target of its own.
+weight: the time to first token with four passages of context is a target of its own. It asks each
+question before the other arms, so vLLM's prefix cache never hands it their work on the same question
+(arms asked later may reuse its blocks: a lever's first-token delta is only as good as that caveat).
 `--levers all` adds in-process gateway pipelines with one answer setting changed each (same retriever
 and generator), so each lever's effect is measured in the same run; `--engine-variants` starts more
 generators with environment overrides (threads, compiled mode) and sends them the gold prompts too;
@@ -144,12 +146,15 @@ def _select(corpus: Corpus, per_kind: int, skip: int = 0) -> list[Item]:
     return chosen
 
 
-def _ask_all(arms: list, items: list[Item], results: list[Answer], log) -> None:
+def _ask_all(arms: list, items: list[Item], results: list[Answer], log, first=None) -> None:
     """Each question through every arm, the arms' order rotated per question (interleaved: a noisy
-    moment on the shared cores lands on all arms alike)."""
+    moment on the shared cores lands on all arms alike). The `first` arm asks each question before the
+    others: vLLM's prefix cache would otherwise hand it the KV blocks of another arm's prompt for the
+    same question (same instructions, same first passage), flattering its time to first token."""
+    rotating = [a for a in arms if a is not first]
     for n, item in enumerate(items):
-        shift = n % len(arms)
-        for arm in arms[shift:] + arms[:shift]:
+        shift = n % len(rotating)
+        for arm in ([first] if first is not None else []) + rotating[shift:] + rotating[:shift]:
             answer = score(arm.ask(item), item.answers, item.stale, item.gold_document,
                            citations=arm.name.startswith("rag"))
             results.append(answer)
@@ -330,14 +335,15 @@ def main(argv: list[str] | None = None) -> int:
             arm.ask(warm)
 
         results: list[Answer] = []
-        _ask_all(arms, [i for i in items if i.kind != UPDATE], results, log)
+        four = lever_arms[0]  # the four-passage arm: its time to first token is a target
+        _ask_all(arms, [i for i in items if i.kind != UPDATE], results, log, first=four)
         t0 = time.perf_counter()
         reply = client.call("UpsertDocuments", gateway_pb2.GatewayServiceUpsertDocumentsRequest(
             request=retriever_pb2.UpsertDocumentsRequest(collection=COLLECTION, documents=[
                 retriever_pb2.Document(id=k, text=v) for k, v in corpus.updated.items()]))).response
         index.upsert(corpus.updated)
         log(f"re-ingested {reply.upserted} changed documents in {time.perf_counter() - t0:.1f} s")
-        _ask_all(arms, [i for i in items if i.kind == UPDATE], results, log)
+        _ask_all(arms, [i for i in items if i.kind == UPDATE], results, log, first=four)
 
         names = [a.name for a in arms]
         table = summarize(results, names)
