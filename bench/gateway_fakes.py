@@ -76,7 +76,9 @@ async def _serve_gateway(variant: str, retriever: str, generator: str):
         # Same code path, minus the OpenTelemetry interceptors on both sides (and no SDK providers).
         ragtune.server.server_interceptors = lambda: []
         gateway.downstream.client_interceptors = lambda: []
-    settings = GatewaySettings(port=0, api_keys=os.environ["BENCH_API_KEYS"], retriever_address=retriever,
+    # No HTTP front (bench.http_front_bench measures it): two gateways of this bench run at once, and both
+    # would want its port.
+    settings = GatewaySettings(port=0, http_port=-1, api_keys=os.environ["BENCH_API_KEYS"], retriever_address=retriever,
                                generator_address=generator, trainer_address=generator, evaluation_workers=0)
     if variant == "bare":
         service = GatewayService(settings)
