@@ -5,8 +5,8 @@ Policy (`IndexPolicy.plan`), applied after every write and again after every job
 - below `min_rows` chunks a collection has no vector index: vector search is exact;
 - from `min_rows` on it gets an IVF_HNSW_SQ index with about `rows_per_partition` rows per partition (500k:
   a query searches the HNSW graph of every partition it probes, so a few large graphs answer sooner than many
-  small ones; at 1M rows two partitions built in 539 s, against 1,301 s for twenty of 50k, and the search
-  itself took 7.7 ms p50 at recall@10 0.94 in process);
+  small ones; at 1M rows two partitions built in 539 s, against 1,301 s for twenty of 50k, and a search
+  took 8 ms p50 at recall@10 0.977 in process, with the query settings in lancedb_store.py);
 - rows written since the last job are *unindexed*: LanceDB searches them exactly alongside the indexes, so
   they are found at once. An optimize job folds them into the trained partitions and the full-text index
   once the full-text index has more than `fold_min_rows` of them (its exact search is the expensive one:
