@@ -37,13 +37,13 @@ class GeneratorSettings(ServiceSettings):
         32, ge=32, le=256, multiple_of=32, description="KV cache block size in tokens (vLLM's CPU attention wants a"
         " multiple of 32); unset: vLLM's default (128 on CPU). Prefix caching reuses whole blocks only: with 32 the"
         " first 32 of the RAG prompt's 54 fixed tokens are computed once, not per request (one-passage time to first"
-        " token 217 -> 198 ms here)."
+        " token 212 -> 183 ms here, bench/first_token_bench.py)."
     )
     reserved_cpus: int | None = Field(
         0, ge=0, description="CPUs vLLM's CPU engine leaves to its scheduler process (sets VLLM_CPU_NUM_OF_RESERVED_CPU);"
         " unset: vLLM's default, one. On the 2-core machine reserving one halved the cores a forward pass runs on:"
-        " with 0 a four-passage prompt (505 tokens) reached its first token in 510 ms instead of 971 ms, and decoding"
-        " took 47 ms a token instead of 60. Raise it where the pod has cores to spare. Ignored on GPU."
+        " with 0 a four-passage prompt (517 tokens) reached its first token in 526 ms instead of 1,010 ms, and decoding"
+        " took 48 ms a token instead of 66. Raise it where the pod has cores to spare. Ignored on GPU."
     )
     max_waiting_requests: int = Field(
         64, ge=0, description="Requests allowed to wait beyond max_num_seqs; more get RESOURCE_EXHAUSTED at once."
