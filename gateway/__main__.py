@@ -5,4 +5,4 @@ from gateway.server import GatewayService
 from gateway.settings import GatewaySettings
 
 if __name__ == "__main__":
-    run_service(GatewayService, GatewaySettings(), name="gateway")
+    run_service(GatewayService, GatewaySettings.from_environment(), name="gateway")

@@ -6,13 +6,16 @@ the fields here that every service shares read un-prefixed RAGTUNE_* variables.
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path("~/.cache/ragtune").expanduser()
+_SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|KEY|URL", re.IGNORECASE)
 
 
 class ServiceSettings(BaseSettings):
@@ -69,6 +72,17 @@ class ServiceSettings(BaseSettings):
         description="If set, internal services accept calls only with this token (the gateway sends it).",
     )
 
+    @classmethod
+    def from_environment(cls):
+        """The settings from the environment; a bad value stops the process at start with exit status 2 and one
+        line per mistake naming its variable (`python -m services.X` calls this before logging exists)."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            for line in settings_errors(cls, exc):
+                print(line, file=sys.stderr)
+            raise SystemExit(2) from None
+
     @property
     def artifacts(self) -> Path:
         return self.artifact_root or self.home
@@ -80,6 +94,19 @@ class ServiceSettings(BaseSettings):
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def settings_errors(cls, exc: ValidationError) -> list[str]:
+    """`RAGTUNE_GENERATOR_BLOCK_SIZE='48': Input should be a multiple of 32` for each error, no traceback."""
+    prefix = cls.model_config.get("env_prefix", "")
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        variable = field if field.startswith("RAGTUNE_") else f"{prefix}{field}".upper() if field else cls.__name__
+        shown = field and isinstance(error.get("input"), str) and not _SECRET_NAME.search(variable)
+        value = f"={error['input']!r}" if shown else ""  # never echo what may be a secret
+        lines.append(f"{variable}{value}: {error['msg']}")
+    return lines
 
 
 class TLSSettings(BaseSettings):

@@ -137,3 +137,38 @@ def _wait(check, timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "health did not follow the service's report"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("module,env,expected", [
+    ("services.generator", {"RAGTUNE_GENERATOR_BLOCK_SIZE": "48"},
+     "RAGTUNE_GENERATOR_BLOCK_SIZE='48': Input should be a multiple of 32"),
+    ("services.retriever", {"RAGTUNE_RETRIEVER_ANN_ROWS_PER_PARTITION": "ten"},
+     "RAGTUNE_RETRIEVER_ANN_ROWS_PER_PARTITION='ten': Input should be a valid integer"),
+    ("gateway", {"RAGTUNE_LOG_FORMAT": "xml"}, "RAGTUNE_LOG_FORMAT='xml': Input should be 'json' or 'text'"),
+    ("services.trainer", {"RAGTUNE_TRAINER_PORT": "99999"},
+     "RAGTUNE_TRAINER_PORT='99999': Input should be less than or equal to 65535"),
+], ids=["generator", "retriever", "gateway", "trainer"])
+def test_a_bad_setting_stops_the_service_naming_the_variable(module, env, expected, tmp_path):
+    """`python -m <service>` as deployed: exit 2 and a line naming the variable and the rule, no traceback,
+    before anything is loaded."""
+    proc = subprocess.run([sys.executable, "-m", module], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAGTUNE_HOME": str(tmp_path), **env})
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_bad_setting_never_echoes_what_may_be_a_secret(monkeypatch):
+    from pydantic import ValidationError
+
+    from ragtune.settings import settings_errors
+
+    class Secretive(ServiceSettings):
+        model_config = SettingsConfigDict(env_prefix="RAGTUNE_TOY_", extra="ignore", frozen=True)
+        api_key: int = 0
+
+    monkeypatch.setenv("RAGTUNE_TOY_API_KEY", "sk-hunter2")
+    with pytest.raises(ValidationError) as caught:
+        Secretive()
+    lines = settings_errors(Secretive, caught.value)
+    assert lines == ["RAGTUNE_TOY_API_KEY: Input should be a valid integer, unable to parse string as an integer"]

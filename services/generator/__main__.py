@@ -10,7 +10,7 @@ from services.generator.server import GeneratorService
 from services.generator.settings import GeneratorSettings
 
 if __name__ == "__main__":
-    settings = GeneratorSettings()
+    settings = GeneratorSettings.from_environment()
     if settings.preload_libraries and not os.environ.get(PRELOADED_MARKER):
         preload = preload_value(os.environ.get("LD_PRELOAD", ""))
         if preload:

@@ -5,4 +5,4 @@ from services.retriever.server import RetrieverService
 from services.retriever.settings import RetrieverSettings
 
 if __name__ == "__main__":
-    run_service(RetrieverService, RetrieverSettings(), name="retriever")
+    run_service(RetrieverService, RetrieverSettings.from_environment(), name="retriever")

@@ -5,4 +5,4 @@ from services.trainer.server import TrainerService
 from services.trainer.settings import TrainerSettings
 
 if __name__ == "__main__":
-    run_service(TrainerService, TrainerSettings(), name="trainer")
+    run_service(TrainerService, TrainerSettings.from_environment(), name="trainer")
