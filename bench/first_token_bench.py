@@ -1,6 +1,6 @@
 """Time to first token of the generator by prompt size, for engine settings: what the prefill costs.
 
-Starts `python -m services.generator` once per variant (environment overrides on top of the defaults) and
+Starts `python -m services.generator` once per variant (answers_levers.EngineVariant) (environment overrides on top of the defaults) and
 sends it, one request at a time, RAG prompts in the gateway's own form (gateway.prompting.build_messages)
 with 0, 1 and 4 passages of random wiki100 sentences, greedy, 8 tokens. Every prompt is new (its passages
 and question are drawn afresh), so prefix caching can only reuse the fixed instructions, as it would across
@@ -19,8 +19,6 @@ import argparse
 import os
 import random
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -61,19 +59,15 @@ def _request(rng: random.Random, sentences: list[str], passages: int, per_passag
 def measure(name: str, overrides: dict[str, str], prompts: int, per_passage: int, logs: Path) -> dict:
     import grpc
 
+    from bench.answers_levers import EngineVariant
     from ragtune.v1 import generator_pb2_grpc
-    from tests.grpc_support import free_port, wait_serving
 
-    port = free_port()
-    env = {**os.environ, "RAGTUNE_GENERATOR_PORT": str(port), "PYTHONUNBUFFERED": "1", **overrides}
-    with open(logs / f"generator-{name}.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.generator"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    engine = EngineVariant(name, overrides, logs)
     try:
-        wait_serving(f"127.0.0.1:{port}", timeout=900, proc=proc)
+        engine.wait()
         rng, sentences = random.Random(1), _sentences()
         out = {}
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(engine.address) as channel:
             stub = generator_pb2_grpc.GeneratorServiceStub(channel)
             for passages in PASSAGES:
                 ttft, decode, tokens = [], [], []
@@ -93,11 +87,7 @@ def measure(name: str, overrides: dict[str, str], prompts: int, per_passage: int
                                       "decode_ms_per_token": summary(decode)}
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        engine.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
