@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TypeVar
 
-from services.retriever.domain import Hit
+# Hits, or any dataclass with `chunk_id` and `score` (the embedded store fuses row-id candidates first).
+Scored = TypeVar("Scored")
 
 
-def _normalised(hits: list[Hit]) -> dict[str, float]:
+def _normalised(hits: list) -> dict[str, float]:
     if not hits:
         return {}
     scores = [h.score for h in hits]
@@ -17,11 +19,11 @@ def _normalised(hits: list[Hit]) -> dict[str, float]:
     return {h.chunk_id: (h.score - low) / (high - low) for h in hits}
 
 
-def relative_score_fusion(vector_hits: list[Hit], keyword_hits: list[Hit], alpha: float, top_k: int) -> list[Hit]:
+def relative_score_fusion(vector_hits: list[Scored], keyword_hits: list[Scored], alpha: float, top_k: int) -> list[Scored]:
     """alpha * normalised vector score + (1 - alpha) * normalised keyword score; a chunk absent from a list
     gets 0 from it. Ties keep vector order first, then keyword order, like Weaviate."""
     vector_norm, keyword_norm = _normalised(vector_hits), _normalised(keyword_hits)
-    by_id: dict[str, Hit] = {}
+    by_id: dict[str, Scored] = {}
     for hit in [*vector_hits, *keyword_hits]:
         by_id.setdefault(hit.chunk_id, hit)
     fused = [

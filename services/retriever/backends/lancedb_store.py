@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -25,9 +24,9 @@ import pyarrow as pa
 
 from ragtune.errors import AlreadyExists, NotFound
 from services.retriever.backends.lancedb_index import Action, IndexMaintainer, IndexPolicy, IndexState
+from services.retriever.backends.lancedb_search import TableSearch, nprobes_for
 from services.retriever.backends.lancedb_sql import ids_clause, where_clause
 from services.retriever.domain import CollectionSpec, FieldType, Hit, PreparedDocument
-from services.retriever.ranking import relative_score_fusion
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +36,10 @@ _ARROW_TYPES = {
     FieldType.DOUBLE: pa.float64(),
     FieldType.BOOL: pa.bool_(),
 }
-_BASE_COLUMNS = ["chunk_id", "document_id", "chunk_index", "text"]
 _VECTOR_INDEX = "vector_idx"
 _FTS_INDEX = "text_idx"
 _SPECS_DIR = "_collections"
 _INDEX_DIR = "_indexes"  # the shape each collection's vector index was trained with
-# Query settings (bench/retriever_scale.py): IVF partitions of ~500k rows, each an HNSW graph over 8-bit
-# scalar-quantised vectors. With many small partitions recall was bounded by the partitions probed (1M rows in
-# 20 partitions: 8 probes gave recall@10 0.883, 16 gave 0.988), so a query probes 80% of them (at least 8, so
-# small indexes, and the default two of 1M rows, are searched whole). Within a graph `ef` decides it, at
-# little cost: at 1M rows in 2 partitions, ef 200 / 300 / 400 gave recall@10 0.942 / 0.968 / 0.977 at
-# 8.2 / 7.9 / 8.1 ms p50 in process; re-ranking 2x or 5x the hits on full vectors made no difference.
-_MIN_NPROBES = 8
-_NPROBE_FRACTION = 0.8
-_EF = 400
-_REFINE_FACTOR = 2
 # How stale a table handle may be before it looks for commits made by the index process. Our own writes
 # are always visible at once (a handle sees what it commits).
 _READ_CONSISTENCY = timedelta(seconds=1)
@@ -80,7 +68,6 @@ class LanceDBStore:
         self._root = Path(root)
         self._root.mkdir(parents=True, exist_ok=True)
         self._dimension = dimension
-        self._hybrid_candidates = hybrid_candidates
         self._auto_index = auto_index  # False: only explicit `maintain_index` calls (bulk loads in benchmarks)
         self._index_nice = index_nice
         self._guard = threading.Lock()  # protects the dictionaries below
@@ -92,6 +79,7 @@ class LanceDBStore:
         )
         self.indexer = IndexMaintainer(policy, self._index_state, self._job_args, self._job_done)
         self._hybrid_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lancedb-hybrid")
+        self._search = TableSearch(self._hybrid_pool, hybrid_candidates)
         self._partitions: dict[tuple[str, str], int] = {}  # trained partitions per collection, for nprobes
 
     # ---- layout -------------------------------------------------------------------------------
@@ -286,17 +274,7 @@ class LanceDBStore:
         table = self._table(tenant, spec.name)
         return table.count_rows("chunk_index = 0"), table.count_rows()
 
-    # ---- search -------------------------------------------------------------------------------
-    def _hits(self, rows: list[dict], spec: CollectionSpec, score_of) -> list[Hit]:
-        hits = []
-        for r in rows:
-            metadata = {k: r[f"m_{k}"] for k in spec.fields if r.get(f"m_{k}") is not None}
-            hits.append(Hit(r["chunk_id"], r["document_id"], r["chunk_index"], r["text"], metadata, score_of(r)))
-        return hits
-
-    def _columns(self, spec: CollectionSpec) -> list[str]:
-        return _BASE_COLUMNS + [f"m_{k}" for k in spec.fields]
-
+    # ---- search (lancedb_search.py) ----------------------------------------------------------------
     def _nprobes(self, tenant: str, name: str) -> int:
         """Partitions a query probes: a share of those the index was trained with (read once, kept fresh by jobs)."""
         key = (tenant, name)
@@ -307,51 +285,18 @@ class LanceDBStore:
             except (FileNotFoundError, ValueError, KeyError):
                 partitions = 0  # no index yet (search is exact), or built before the count was recorded
             self._partitions[key] = partitions
-        return max(_MIN_NPROBES, math.ceil(_NPROBE_FRACTION * partitions))
-
-    def _vector_search(self, table, spec, vector, limit: int, where: str | None, nprobes: int) -> list[Hit]:
-        # With an index: probe the nearest partitions' HNSW graphs with a wide search list, then re-rank
-        # twice the hits on full-precision vectors (SQ alone loses recall). Without an index (small
-        # collections) LanceDB ignores all three and searches exactly.
-        query = (
-            table.search(vector, vector_column_name="vector")
-            .distance_type("cosine")
-            .nprobes(nprobes)
-            .ef(max(_EF, 2 * limit))
-            .refine_factor(_REFINE_FACTOR)
-        )
-        if where:
-            query = query.where(where, prefilter=True)
-        rows = query.select([*self._columns(spec), "_distance"]).limit(limit).to_list()
-        return self._hits(rows, spec, lambda r: 1.0 - float(r["_distance"]))
-
-    def _keyword_search(self, table, spec, text: str, limit: int, where: str | None) -> list[Hit]:
-        from lancedb.query import MatchQuery
-
-        query = table.search(MatchQuery(text, "text"), query_type="fts")
-        if where:
-            query = query.where(where, prefilter=True)
-        rows = query.select([*self._columns(spec), "_score"]).limit(limit).to_list()
-        return self._hits(rows, spec, lambda r: float(r["_score"]))
+        return nprobes_for(partitions)
 
     def search(self, tenant, spec, *, mode, text, vector, top_k, alpha, filter) -> list[Hit]:
         table = self._table(tenant, spec.name)
         where = where_clause(filter) if filter is not None else None
-        if mode == "vector":
-            return self._vector_search(table, spec, vector, top_k, where, self._nprobes(tenant, spec.name))
         if mode == "keyword":
-            return self._keyword_search(table, spec, text, top_k, where)
-        limit = max(top_k, self._hybrid_candidates)
-        if 0 < alpha < 1:
-            # The two halves run at once (LanceDB releases the GIL): the latency is the slower one, not the sum.
-            keyword_future = self._hybrid_pool.submit(self._keyword_search, table, spec, text, limit, where)
-            vector_hits = self._vector_search(table, spec, vector, limit, where, self._nprobes(tenant, spec.name))
-            keyword_hits = keyword_future.result()
-        else:
-            nprobes = self._nprobes(tenant, spec.name)
-            vector_hits = self._vector_search(table, spec, vector, limit, where, nprobes) if alpha > 0 else []
-            keyword_hits = self._keyword_search(table, spec, text, limit, where) if alpha < 1 else []
-        return relative_score_fusion(vector_hits, keyword_hits, alpha, top_k)
+            return self._search.keyword(table, spec, text, top_k, where)
+        nprobes = self._nprobes(tenant, spec.name)
+        if mode == "vector":
+            return self._search.vector(table, spec, vector, top_k, where, nprobes)
+        return self._search.hybrid(table, spec, text=text, vector=vector, top_k=top_k, alpha=alpha, where=where,
+                                   nprobes=nprobes)
 
     # ---- index maintenance (see lancedb_index.py for the policy) ---------------------------------
     def _index_meta_path(self, tenant: str, name: str) -> Path:
