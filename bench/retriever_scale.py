@@ -184,7 +184,7 @@ class Service:
 
         self.port = free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAGTUNE_RETRIEVER_PORT": str(self.port),
-               "RAGTUNE_RETRIEVER_DATA_DIR": str(store_dir), "RAGTUNE_LOG_LEVEL": "WARNING",
+               "RAGTUNE_RETRIEVER_DATA_DIR": str(store_dir), "RAGTUNE_LOG_LEVEL": "INFO",
                "RAGTUNE_RETRIEVER_ANN_ROWS_PER_PARTITION": str(rows_per_partition)}
         self.proc = subprocess.Popen([sys.executable, "-m", "services.retriever"], env=env,
                                      stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)

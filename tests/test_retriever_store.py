@@ -134,3 +134,133 @@ def test_writes_and_searches_proceed_while_the_index_is_rebuilt(tmp_path):
             assert hits[0].document_id == f"d{i}"
     finally:
         store.close()
+
+
+def _word_docs(rng, dim: int, start: int, count: int) -> list[PreparedDocument]:
+    words = ["harbor", "lantern", "copper", "orchard", "glacier", "violin", "meadow", "falcon"]
+    vectors = _unit(rng.standard_normal((count, dim)).astype(np.float32))
+    return [
+        PreparedDocument(f"d{i}", "h", [Chunk(f"d{i}", 0, f"{words[i % 8]} {words[(i * 3) % 8]} note {i}",
+                                              vectors[i - start].tolist(), {"n": i}, "h")])
+        for i in range(start, start + count)
+    ]
+
+
+def test_hybrid_reads_only_the_fused_rows_and_answers_the_same(tmp_path):
+    """Hybrid fuses row-id candidates and reads text and metadata for the top k only: the same hits, scores
+    and metadata as fusing whole rows, with filters and at every alpha; and when the row ids went stale
+    between the two reads (a compaction rewrote the fragments), it answers from whole rows instead."""
+    from services.retriever.backends.lancedb_sql import where_clause
+    from services.retriever.domain import Equals
+
+    rng = np.random.default_rng(11)
+    dim = 16
+    store = LanceDBStore(tmp_path, dim, auto_index=False, hybrid_candidates=20)
+    spec = CollectionSpec("mix", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
+    store.create_collection("acme", spec)
+    try:
+        for start in range(0, 300, 100):  # three fragments, so a compaction has something to rewrite
+            store.replace_documents("acme", spec, _word_docs(rng, dim, start, 100))
+        table = store._table("acme", "mix")
+        queries = _unit(rng.standard_normal((6, dim)).astype(np.float32))
+        cases = [(q.tolist(), text, alpha, flt) for q, text in zip(queries, ["lantern", "copper orchard", "falcon note"] * 2)
+                 for alpha, flt in ((0.5, None), (0.25, Between("n", gte=150)), (1.0, None), (0.0, Equals("n", 42)))]
+        answered = 0
+        for vector, text, alpha, flt in cases:
+            fused = store.search("acme", spec, mode="hybrid", text=text, vector=vector, top_k=7, alpha=alpha, filter=flt)
+            direct = store._search.hybrid_direct(table, spec, text=text, vector=vector, top_k=7, alpha=alpha,
+                                                 where=None if flt is None else where_clause(flt), nprobes=8)
+            assert [(h.chunk_id, h.text, h.metadata, round(h.score, 6)) for h in fused] == \
+                   [(h.chunk_id, h.text, h.metadata, round(h.score, 6)) for h in direct], (text, alpha, flt)
+            allowed = {None: lambda n: True, Between: lambda n: n >= 150, Equals: lambda n: n == 42}[type(flt) if flt else None]
+            assert all(allowed(h.metadata["n"]) for h in fused)
+            answered += len(fused) == 7
+        assert answered >= len(cases) // 2
+
+        # Stale row ids: delete a document, then compact between the candidates and the read of the rows.
+        store.delete_documents("acme", spec, ["d1"])
+        vector, text = queries[0].tolist(), "lantern"
+        direct_calls = []
+        direct = store._search.hybrid_direct
+        store._search.hybrid_direct = lambda *a, **kw: direct_calls.append(kw) or direct(*a, **kw)
+
+        class CompactsFirst:
+            """The real table, compacted (fragments rewritten, row ids renumbered) just before rows are taken."""
+
+            def __init__(self, inner):
+                self._inner, self.compactions = inner, 0
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+            def take_row_ids(self, row_ids):
+                self._inner.optimize()  # compacts the three fragments into one
+                self.compactions += 1
+                return self._inner.take_row_ids(row_ids)
+
+        compacting = CompactsFirst(table)
+        hits = store._search.hybrid(compacting, spec, text=text, vector=vector, top_k=7, alpha=0.5, where=None, nprobes=8)
+        assert compacting.compactions == 1 and len(direct_calls) == 1  # the ids went stale: answered whole
+        assert len(hits) == 7 and "d1#0" not in {h.chunk_id for h in hits}
+        for h in hits:  # every hit's text and metadata are its own chunk's, not those of a renumbered row
+            i = int(h.chunk_id[1:].split("#")[0])
+            assert h.text.endswith(f" note {i}") and h.metadata == {"n": i}
+        again = store.search("acme", spec, mode="hybrid", text=text, vector=vector, top_k=7, alpha=0.5, filter=None)
+        assert [(h.chunk_id, round(h.score, 6)) for h in again] == [(h.chunk_id, round(h.score, 6)) for h in hits]
+        assert len(direct_calls) == 1 and store.stats("acme", spec) == (299, 299)
+    finally:
+        store.close()
+
+
+def test_folds_add_index_segments_merge_them_and_compact_small_fragments(tmp_path):
+    """New rows are folded into each index as a segment, not by retraining it: the trained vector index stays,
+    the segments of later folds are merged once there are four, and many small writes are compacted; every
+    row stays findable and counted."""
+    rng = np.random.default_rng(5)
+    dim = 16
+    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0)
+    spec = CollectionSpec("grow", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
+    store.create_collection("acme", spec)
+    rows = {}
+
+    def write(count: int) -> None:
+        start = len(rows)
+        vectors = _unit(rng.standard_normal((count, dim)).astype(np.float32))
+        rows.update({f"d{start + i}": vectors[i] for i in range(count)})
+        store.replace_documents("acme", spec, _docs(vectors, start))
+        assert store.wait_for_maintenance(120)
+
+    def segments() -> dict[str, int]:
+        table = store._table("acme", "grow")
+        table.checkout_latest()
+        return {i.name: table.index_stats(i.name).num_indices for i in table.list_indices()}
+
+    try:
+        write(1200)  # crosses ann_min_chunks: the build
+        build = store.indexer.history[-1]
+        assert build.action.value == "build" and segments() == {"vector_idx": 1, "text_idx": 1, "document_id_idx": 1}
+        for expected, merged in ((2, 0), (3, 0), (4, 0), (2, 3)):  # each write passes the 1,000-row fold threshold
+            write(1001)
+            job = store.indexer.history[-1]
+            assert job.action.value == "optimize" and job.error is None, job
+            assert segments()["vector_idx"] == expected and segments()["text_idx"] == expected
+            assert job.result["folded"]["vector_idx"] == {"rows": 1001, "merged_segments": merged}
+        assert [j.action.value for j in store.indexer.history].count("build") == 1  # never retrained
+        status = store.index_status("acme", "grow")
+        assert status["vector_unindexed"] == 0 and status["fts_unindexed"] == 0
+
+        for _ in range(8):  # small writes, below the fold threshold: no job, one fragment each
+            write(10)
+        assert store.indexer.history[-1].result["compacted"] is None
+        write(1001)
+        compacted = store.indexer.history[-1].result["compacted"]
+        assert compacted is not None and compacted["fragments_removed"] > compacted["fragments_added"] >= 1
+        assert store.stats("acme", spec) == (len(rows), len(rows))
+        for i in (0, 1199, 2500, len(rows) - 1001, len(rows) - 1):  # trained, folded, compacted: all found
+            hits = store.search("acme", spec, mode="vector", text="", vector=rows[f"d{i}"].tolist(), top_k=1,
+                                alpha=1.0, filter=None)
+            assert hits[0].document_id == f"d{i}"
+        assert store.search("acme", spec, mode="keyword", text=f"text {len(rows) - 1}", vector=None, top_k=1,
+                            alpha=0.0, filter=None)[0].document_id == f"d{len(rows) - 1}"
+    finally:
+        store.close()

@@ -4,8 +4,16 @@ Why a separate process: an index build inside the service starves LanceDB's shar
 append waited 22 s behind an in-process IVF_HNSW_SQ build here) and competes with searches for the CPU.
 In a child process at a lower CPU priority (nice 10 by default) the service's writes and searches keep their own runtime and take the CPU
 first. The job commits through LanceDB's optimistic concurrency, so writes committed meanwhile are kept
-(their rows are simply not in the new index yet). Imports only LanceDB and the standard library, so it can
-run as a plain script.
+(their rows are simply not in the new index yet). Imports only LanceDB, its `lance` library and the
+standard library, so it can run as a plain script.
+
+Optimize folds new rows into each index as a new *segment* (Lance's `num_indices_to_merge=0`) instead of
+LanceDB's `table.optimize()`, which merged them into the trained vector index and so rebuilt its HNSW
+graphs: 562 s for 10k new rows at 1M rows, as long as the build itself, against 1.4 s as segments (0.2 s
+the full-text and id indexes, 1.2 s the vector index). A search reads every segment, so once an index has
+`max_segments` of them the fold merges the newer ones (never the trained one) into one: its cost follows
+the rows added since the build (three 1k-row segments: 0.5 s). Small fragments left by many small writes
+are compacted into larger ones; fragments already `fragment_rows` large are not rewritten.
 
 Usage: python lancedb_builder.py '{"uri": ..., "table": ..., "action": "build"|"optimize", ...}'
 """
@@ -17,6 +25,7 @@ import os
 import sys
 import time
 import warnings
+from datetime import timedelta
 
 
 def _build(table, job: dict) -> dict:
@@ -45,12 +54,38 @@ def _build(table, job: dict) -> dict:
     return {"rows": rows, "seconds": round(time.monotonic() - started, 2)}
 
 
+def _compact(dataset, job: dict) -> dict | None:
+    """Merges small fragments once there are `compact_fragments` of them (each small write leaves one)."""
+    target = job.get("fragment_rows", 100_000)
+    small = sum(1 for f in dataset.get_fragments() if f.count_rows() < target)
+    if small < job.get("compact_fragments", 8):
+        return None
+    metrics = dataset.optimize.compact_files(target_rows_per_fragment=target)
+    return {"fragments_removed": metrics.fragments_removed, "fragments_added": metrics.fragments_added}
+
+
+def _latest(table):
+    """The table's newest version as a `lance` dataset (a handle pins the version it last saw)."""
+    table.checkout_latest()
+    return table.to_lance()
+
+
 def _optimize(table, job: dict) -> dict:
     started = time.monotonic()
-    # Compacts small fragments, prunes old versions (LanceDB's default age) and folds unindexed rows
-    # into every index: the vector index keeps its trained partitions; the full-text index is extended.
-    table.optimize()
-    return {"seconds": round(time.monotonic() - started, 2)}
+    compacted = _compact(_latest(table), job)
+    folded = {}
+    for index in table.list_indices():
+        table.checkout_latest()
+        stats = table.index_stats(index.name)
+        # Merge the newer segments (num_indices - 1: all but the trained one) once there are too many.
+        merge = stats.num_indices - 1 if stats.num_indices >= job.get("max_segments", 4) else 0
+        if stats.num_unindexed_rows == 0 and merge == 0:
+            continue
+        _latest(table).optimize.optimize_indices(index_names=[index.name], num_indices_to_merge=merge)
+        folded[index.name] = {"rows": stats.num_unindexed_rows, "merged_segments": merge}
+    # Old versions (every write makes one) are pruned at LanceDB's default age, as `table.optimize()` did.
+    _latest(table).cleanup_old_versions(older_than=timedelta(days=7))
+    return {"seconds": round(time.monotonic() - started, 2), "compacted": compacted, "folded": folded}
 
 
 def run(job: dict) -> dict:

@@ -6,13 +6,14 @@ Policy (`IndexPolicy.plan`), applied after every write and again after every job
 - from `min_rows` on it gets an IVF_HNSW_SQ index with about `rows_per_partition` rows per partition (500k:
   a query searches the HNSW graph of every partition it probes, so a few large graphs answer sooner than many
   small ones; at 1M rows two partitions built in 539 s, against 1,301 s for twenty of 50k, and a search
-  took 8 ms p50 at recall@10 0.977 in process, with the query settings in lancedb_store.py);
+  took 8 ms p50 at recall@10 0.977 in process, with the query settings in lancedb_search.py);
 - rows written since the last job are *unindexed*: LanceDB searches them exactly alongside the indexes, so
-  they are found at once. An optimize job folds them into the trained partitions and the full-text index
+  they are found at once. An optimize job folds them into every index, as a new segment of it,
   once the full-text index has more than `fold_min_rows` of them (its exact search is the expensive one:
   measured about 15 ms per 1,000 unindexed rows on the loaded 2-core machine, against well under 1 ms for
-  vectors) or the vector index more than `fold_fraction` of the collection. A fold costs about what the
-  new rows cost to insert (1 s for 1,000 rows into a 30k-row index here), not a rebuild;
+  vectors) or the vector index more than `fold_fraction` of the collection. A fold costs what indexing the
+  new rows costs, not a rebuild (10k new rows at 1M: 1.4 s), and merges the newer segments once an index
+  has four (see lancedb_builder.py);
 - when the collection has grown or shrunk so that the wanted partition count differs from the built one by
   `drift` times (partitions would hold twice or half the rows they were trained for), the index is rebuilt,
   so growth by doubling keeps the total build work linear in the collection size.
@@ -241,4 +242,6 @@ class IndexMaintainer:
                 log.warning("index job %s for %s/%s failed: %s", action.value, *key, record.error)
             return None
         record.result = result
+        log.info("index job %s for %s/%s done in %.1f s: %s", action.value, *key, record.finished - record.started,
+                 json.dumps(result))
         return result
