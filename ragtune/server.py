@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import hashlib
 import hmac
 import logging
@@ -303,11 +304,14 @@ class ServiceHost:
 
     `host_settings` defaults to HostSettings() (the environment); `reuse_port` lets several servers
     share one address (only tests that model a load-balanced address use it); `tls` defaults to
-    TLSSettings() (the environment)."""
+    TLSSettings() (the environment); `freeze_heap` is for a process that runs this one service (see
+    `freeze_startup_heap`)."""
 
     def __init__(self, service: Service, settings: ServiceSettings, *, name: str, extra_interceptors: Sequence[Any] = (),
-                 host_settings: HostSettings | None = None, reuse_port: bool = False, tls: TLSSettings | None = None):
+                 host_settings: HostSettings | None = None, reuse_port: bool = False, tls: TLSSettings | None = None,
+                 freeze_heap: bool = False):
         self.service = service
+        self.freeze_heap = freeze_heap
         self.settings = settings
         self.name = name
         self.host_settings = host_settings or HostSettings()
@@ -393,6 +397,8 @@ class ServiceHost:
         log.info("listening on %s:%d (%s), warming up", self.settings.host, self.port, describe(self.tls))
         started = time.perf_counter()
         await self.service.start()
+        if self.freeze_heap:
+            freeze_startup_heap()
         self.readiness.ready = True
         self.reported = ServiceHealth(ready=True)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -434,9 +440,21 @@ class ServiceHost:
         self._stopped.set()
 
 
+def freeze_startup_heap() -> None:
+    """Moves every object alive after warm-up out of the garbage collector's reach.
+
+    What a service loads at start (torch, transformers, vLLM, LanceDB: 583k objects in the retriever) lives
+    as long as the process, yet each full collection walks all of it with every thread stopped: 343 ms in the
+    retriever, triggered whenever enough request objects survive (an ingest makes many). Frozen, a full
+    collection walks only what was allocated since. Reference counting still frees frozen objects; only
+    cycles among them are never collected, and what startup loads is kept to the end anyway."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _serve(service_factory, settings: ServiceSettings, name: str) -> None:
     # The server and the service are built inside the running loop: grpc.aio binds to it.
-    host = ServiceHost(service_factory(settings), settings, name=name)
+    host = ServiceHost(service_factory(settings), settings, name=name, freeze_heap=True)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
