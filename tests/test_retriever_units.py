@@ -187,9 +187,15 @@ def test_index_policy_builds_folds_and_rebuilds_on_drift():
 
     policy = IndexPolicy(min_rows=10_000, rows_per_partition=50_000, fold_fraction=0.05, fold_min_rows=1_000)
     plan = lambda **kw: policy.plan(IndexState(**kw))[0]  # noqa: E731
-    # Small: exact search; only the full-text index is folded once more than 1,000 rows are missing from it.
-    assert plan(rows=5_000, vector_partitions=None, fts_unindexed=1_000) is Action.NONE
-    assert plan(rows=5_000, vector_partitions=None, fts_unindexed=1_001) is Action.OPTIMIZE
+    # Small: exact search; only the full-text index is folded, once more than a tenth of the rows (at least 100,
+    # at most 1,000) are missing from it.
+    assert plan(rows=5_000, vector_partitions=None, fts_unindexed=500) is Action.NONE
+    assert plan(rows=5_000, vector_partitions=None, fts_unindexed=501) is Action.OPTIMIZE
+    assert plan(rows=600, vector_partitions=None, fts_unindexed=600) is Action.OPTIMIZE
+    assert plan(rows=600, vector_partitions=None, fts_unindexed=100) is Action.NONE
+    assert plan(rows=90, vector_partitions=None, fts_unindexed=90) is Action.NONE
+    assert plan(rows=9_000, vector_partitions=None, fts_unindexed=1_000) is Action.OPTIMIZE
+    assert plan(rows=50_000, vector_partitions=1, fts_unindexed=1_000) is Action.NONE  # capped at 1,000
     assert plan(rows=10_000, vector_partitions=None, fts_unindexed=0) is Action.BUILD
     # Indexed: unindexed vector rows are folded in once they pass 5% (and 1,000); full-text ones past 1,000.
     assert plan(rows=60_000, vector_partitions=1, vector_unindexed=2_900, fts_unindexed=900) is Action.NONE
