@@ -266,3 +266,19 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(tmp_path):
     assert resolve_precision("auto") in ("float32", "bfloat16")
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("int4")
+
+
+def test_a_bad_embedding_precision_is_refused_naming_the_variable(monkeypatch):
+    import pytest
+    from pydantic import ValidationError
+
+    from ragtune.settings import settings_errors
+    from services.retriever.settings import RetrieverSettings
+
+    monkeypatch.setenv("RAGTUNE_RETRIEVER_EMBEDDING_PRECISION", "int8")
+    with pytest.raises(ValidationError) as caught:
+        RetrieverSettings()
+    assert settings_errors(RetrieverSettings, caught.value) == [
+        "RAGTUNE_RETRIEVER_EMBEDDING_PRECISION='int8': Input should be 'auto', 'float32' or 'bfloat16'"]
+    monkeypatch.setenv("RAGTUNE_RETRIEVER_EMBEDDING_PRECISION", "bfloat16")
+    assert RetrieverSettings().embedding_precision == "bfloat16"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Sequence, Union
+from typing import Literal, Sequence, Union
 
 Scalar = Union[str, int, float, bool]
+# The embedding model's number format: auto is bfloat16 where the CPU computes it natively (embedding.py).
+EmbeddingPrecision = Literal["auto", "float32", "bfloat16"]
 
 
 class FieldType(str, enum.Enum):

@@ -16,14 +16,14 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, get_args
 
 import numpy as np
 
-from services.retriever.domain import MAX_CHUNK_TOKENS
+from services.retriever.domain import MAX_CHUNK_TOKENS, EmbeddingPrecision
 
 
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = get_args(EmbeddingPrecision)
 _NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 

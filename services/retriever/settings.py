@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from ragtune.settings import ServiceSettings
+from services.retriever.domain import EmbeddingPrecision
 
 
 class RetrieverSettings(ServiceSettings):
@@ -56,7 +57,7 @@ class RetrieverSettings(ServiceSettings):
     max_embed_texts: int = Field(256, ge=1, le=4096, description="Most texts one Embed call may send.")
     max_filter_values: int = Field(256, ge=1, description="Most values in one in_list filter condition.")
     embedding_batch_size: int = Field(64, ge=1, description="Chunks embedded per forward pass.")
-    embedding_precision: Literal["auto", "float32", "bfloat16"] = Field(
+    embedding_precision: EmbeddingPrecision = Field(
         "auto",
         description="Number format the embedding model computes in: auto picks bfloat16 where the CPU has native "
         "bfloat16 instructions (AVX512_BF16 or AMX; measured: queries 1.8x, ingest 2.5x faster, vectors at "

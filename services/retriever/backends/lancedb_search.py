@@ -125,7 +125,8 @@ class TableSearch:
         if any(by_row.get(c.row_id, {}).get("chunk_id") != c.chunk_id for c in fused):
             return self.hybrid_direct(table, spec, text=text, vector=vector, top_k=top_k, alpha=alpha, where=where,
                                       nprobes=nprobes)
-        return [hit for c in fused for hit in self._hits([by_row[c.row_id]], spec, lambda _, s=c.score: s)]
+        score = {c.row_id: c.score for c in fused}
+        return self._hits([by_row[c.row_id] for c in fused], spec, lambda r: score[r["_rowid"]])
 
     def hybrid_direct(self, table, spec, *, text, vector, top_k, alpha, where, nprobes) -> list[Hit]:
         """Every candidate read whole, then fused: one read of one version, for when row ids went stale."""
