@@ -264,3 +264,49 @@ def test_folds_add_index_segments_merge_them_and_compact_small_fragments(tmp_pat
                             alpha=0.0, filter=None)[0].document_id == f"d{len(rows) - 1}"
     finally:
         store.close()
+
+
+def test_a_fold_killed_mid_job_loses_no_row_and_the_next_fold_completes(tmp_path):
+    """The index process is killed (SIGKILL) as soon as a fold starts: every row is still stored and found
+    (unindexed rows are searched exactly), and a restarted store folds them all."""
+    import time
+
+    rng = np.random.default_rng(9)
+    dim = 16
+    spec = CollectionSpec("kill", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
+    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0)
+    store.create_collection("acme", spec)
+    vectors = _unit(rng.standard_normal((2600, dim)).astype(np.float32))
+    killed = 0
+    try:
+        store.replace_documents("acme", spec, _docs(vectors[:1200], 0))  # the build
+        assert store.wait_for_maintenance(120)
+        for start in range(8):  # small fragments, so the fold also compacts: more to interrupt
+            store.replace_documents("acme", spec, _docs(vectors[1200 + 50 * start: 1250 + 50 * start], 1200 + 50 * start))
+        store.replace_documents("acme", spec, _docs(vectors[1600:], 1600))  # past the fold threshold
+        deadline = time.monotonic() + 60
+        while killed == 0 and time.monotonic() < deadline:
+            child = store.indexer._child
+            if child is not None and child.poll() is None:
+                child.kill()
+                killed += 1
+            time.sleep(0.001)
+        assert killed == 1
+        assert store.wait_for_maintenance(120)
+    finally:
+        store.close()
+
+    reopened = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0)
+    try:
+        assert reopened.stats("acme", spec) == (2600, 2600)  # nothing lost
+        for i in (0, 1199, 1200, 1599, 1600, 2599):
+            hits = reopened.search("acme", spec, mode="vector", text="", vector=vectors[i].tolist(), top_k=1, alpha=1.0,
+                                   filter=None)
+            assert hits[0].document_id == f"d{i}"
+        reopened.maintain_index("acme", "kill")
+        assert reopened.wait_for_maintenance(120)
+        status = reopened.index_status("acme", "kill")
+        assert status["vector_unindexed"] == 0 and status["fts_unindexed"] == 0
+        assert reopened.stats("acme", spec) == (2600, 2600)
+    finally:
+        reopened.close()
