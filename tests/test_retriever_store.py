@@ -86,6 +86,14 @@ def _docs(vectors: np.ndarray, start: int) -> list[PreparedDocument]:
     ]
 
 
+def _append_random(store, spec, rng, rows: dict, count: int, dim: int) -> None:
+    """Writes `count` documents with random unit vectors after those in `rows`, which records them."""
+    start = len(rows)
+    vectors = _unit(rng.standard_normal((count, dim)).astype(np.float32))
+    rows.update({f"d{start + i}": vectors[i] for i in range(count)})
+    store.replace_documents("acme", spec, _docs(vectors, start))
+
+
 def test_writes_and_searches_proceed_while_the_index_is_rebuilt(tmp_path):
     """A forced rebuild runs in the background; writes commit and their rows are found by search (exactly,
     as unindexed rows) before it finishes; afterwards the new index serves them too."""
@@ -177,6 +185,22 @@ def test_hybrid_reads_only_the_fused_rows_and_answers_the_same(tmp_path):
             answered += len(fused) == 7
         assert answered >= len(cases) // 2
 
+        # The query vector may come as a function (the service embeds when the store asks): called once, and
+        # not at all when hybrid's alpha leaves out the vector side.
+        calls = []
+
+        def embed_query():
+            calls.append(1)
+            return queries[0].tolist()
+
+        lazy = store.search("acme", spec, mode="hybrid", text="lantern", vector=embed_query, top_k=7, alpha=0.5,
+                            filter=None)
+        eager = store.search("acme", spec, mode="hybrid", text="lantern", vector=queries[0].tolist(), top_k=7,
+                             alpha=0.5, filter=None)
+        assert [h.chunk_id for h in lazy] == [h.chunk_id for h in eager] and len(calls) == 1
+        store.search("acme", spec, mode="hybrid", text="lantern", vector=embed_query, top_k=7, alpha=0.0, filter=None)
+        assert len(calls) == 1
+
         # Stale row ids: delete a document, then compact between the candidates and the read of the rows.
         store.delete_documents("acme", spec, ["d1"])
         vector, text = queries[0].tolist(), "lantern"
@@ -185,7 +209,8 @@ def test_hybrid_reads_only_the_fused_rows_and_answers_the_same(tmp_path):
         store._search.hybrid_direct = lambda *a, **kw: direct_calls.append(kw) or direct(*a, **kw)
 
         class CompactsFirst:
-            """The real table, compacted (fragments rewritten, row ids renumbered) just before rows are taken."""
+            """The real table, compacted (fragments rewritten, row ids renumbered) just before the keyword side's
+            query: its row ids come from a newer version than the vector side's and the rows read."""
 
             def __init__(self, inner):
                 self._inner, self.compactions = inner, 0
@@ -193,13 +218,15 @@ def test_hybrid_reads_only_the_fused_rows_and_answers_the_same(tmp_path):
             def __getattr__(self, name):
                 return getattr(self._inner, name)
 
-            def take_row_ids(self, row_ids):
-                self._inner.optimize()  # compacts the three fragments into one
-                self.compactions += 1
-                return self._inner.take_row_ids(row_ids)
+            def search(self, *args, **kwargs):
+                if not self.compactions and kwargs.get("query_type") == "fts":
+                    self._inner.optimize()  # compacts the three fragments into one
+                    self.compactions += 1
+                return self._inner.search(*args, **kwargs)
 
         compacting = CompactsFirst(table)
-        hits = store._search.hybrid(compacting, spec, text=text, vector=vector, top_k=7, alpha=0.5, where=None, nprobes=8)
+        hits = store._search.hybrid(compacting, spec, store._collection_vectors("acme", "mix"), text=text, vector=vector,
+                                    top_k=7, alpha=0.5, where=None, nprobes=8)
         assert compacting.compactions == 1 and len(direct_calls) == 1  # the ids went stale: answered whole
         assert len(hits) == 7 and "d1#0" not in {h.chunk_id for h in hits}
         for h in hits:  # every hit's text and metadata are its own chunk's, not those of a renumbered row
@@ -218,16 +245,13 @@ def test_folds_add_index_segments_merge_them_and_compact_small_fragments(tmp_pat
     row stays findable and counted."""
     rng = np.random.default_rng(5)
     dim = 16
-    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0)
+    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0, index_idle=True)
     spec = CollectionSpec("grow", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
     store.create_collection("acme", spec)
     rows = {}
 
     def write(count: int) -> None:
-        start = len(rows)
-        vectors = _unit(rng.standard_normal((count, dim)).astype(np.float32))
-        rows.update({f"d{start + i}": vectors[i] for i in range(count)})
-        store.replace_documents("acme", spec, _docs(vectors, start))
+        _append_random(store, spec, rng, rows, count, dim)
         assert store.wait_for_maintenance(120)
 
     def segments() -> dict[str, int]:
@@ -239,6 +263,7 @@ def test_folds_add_index_segments_merge_them_and_compact_small_fragments(tmp_pat
         write(1200)  # crosses ann_min_chunks: the build
         build = store.indexer.history[-1]
         assert build.action.value == "build" and segments() == {"vector_idx": 1, "text_idx": 1, "document_id_idx": 1}
+        assert build.result["idle"] is True  # the job ran in the SCHED_IDLE class (index_idle=True)
         for expected, merged in ((2, 0), (3, 0), (4, 0), (2, 3)):  # each write passes the 1,000-row fold threshold
             write(1001)
             job = store.indexer.history[-1]
@@ -310,3 +335,80 @@ def test_a_fold_killed_mid_job_loses_no_row_and_the_next_fold_completes(tmp_path
         assert reopened.stats("acme", spec) == (2600, 2600)
     finally:
         reopened.close()
+
+
+def test_rows_appended_after_the_index_are_searched_exactly_beside_it(tmp_path):
+    """While rows are only appended, vector search reads the index at the last version it covers whole and the
+    appended fragments exactly: the same hits and scores as LanceDB's own plan. An update of an appended row is
+    seen at once; a delete from an indexed fragment sends queries to LanceDB's plan until the next fold."""
+    rng = np.random.default_rng(11)
+    dim = 16
+    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0, auto_index=False)
+    spec = CollectionSpec("app", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
+    store.create_collection("acme", spec)
+    rows = {}
+
+    def write(count: int) -> None:
+        _append_random(store, spec, rng, rows, count, dim)
+
+    def same_as_lance(queries: np.ndarray) -> None:
+        table = store._table("acme", "app")
+        for q in queries:
+            ours = store.search("acme", spec, mode="vector", text="", vector=q.tolist(), top_k=10, alpha=1.0, filter=None)
+            theirs = store._search.vector_direct(table, spec, q.tolist(), 10, None, 8)
+            assert [(h.chunk_id, h.text, h.metadata, round(h.score, 5)) for h in ours] == \
+                   [(h.chunk_id, h.text, h.metadata, round(h.score, 5)) for h in theirs]
+            hybrid = store.search("acme", spec, mode="hybrid", text="text", vector=q.tolist(), top_k=10, alpha=0.5,
+                                  filter=None)
+            direct = store._search.hybrid_direct(table, spec, text="text", vector=q.tolist(), top_k=10, alpha=0.5,
+                                                 where=None, nprobes=8)
+            # Every row's text contains "text": equal keyword scores, so only untied places have a fixed chunk.
+            scores = [round(h.score, 5) for h in hybrid]
+            assert scores == [round(h.score, 5) for h in direct]
+            assert all(a.chunk_id == b.chunk_id for a, b, s in zip(hybrid, direct, scores) if scores.count(s) == 1)
+
+    try:
+        write(1200)
+        store.maintain_index("acme", "app")
+        assert store.wait_for_maintenance(120) and store.index_status("acme", "app")["vector_unindexed"] == 0
+        plans = store._collection_vectors("acme", "app").plans
+        same_as_lance(_unit(rng.standard_normal((5, dim)).astype(np.float32)))
+        assert plans["indexed"] == 10 and plans["appended"] == plans["lance"] == 0
+
+        for _ in range(3):  # three appends, three fragments the index does not cover
+            write(50)
+        assert store.index_status("acme", "app")["vector_unindexed"] == 150
+        near_new = _unit(np.stack([rows[f"d{i}"] for i in range(1200, 1350, 10)]) + 0.01)
+        same_as_lance(np.concatenate([near_new, _unit(rng.standard_normal((5, dim)).astype(np.float32))]))
+        assert plans["appended"] == 40 and plans["lance"] == 0
+        top = store.search("acme", spec, mode="vector", text="", vector=rows["d1340"].tolist(), top_k=1, alpha=1.0,
+                           filter=None)
+        assert top[0].chunk_id == "d1340#0" and top[0].score == pytest.approx(1.0, abs=1e-5)
+
+        # An appended row updated: its old vector is gone at once, its new one found.
+        moved = _unit(rng.standard_normal((1, dim)).astype(np.float32))[0]
+        store.replace_documents("acme", spec, _docs(moved[None, :], 1340))
+        old = store.search("acme", spec, mode="vector", text="", vector=rows["d1340"].tolist(), top_k=3, alpha=1.0,
+                           filter=None)
+        new = store.search("acme", spec, mode="vector", text="", vector=moved.tolist(), top_k=1, alpha=1.0, filter=None)
+        assert all(h.score < 0.999 for h in old if h.chunk_id == "d1340#0")
+        assert new[0].chunk_id == "d1340#0" and new[0].score == pytest.approx(1.0, abs=1e-5)
+        assert plans["lance"] == 0
+
+        # A delete from an indexed fragment: LanceDB's own plan, and the deleted row is never returned.
+        store.delete_documents("acme", spec, ["d7"])
+        gone = store.search("acme", spec, mode="vector", text="", vector=rows["d7"].tolist(), top_k=5, alpha=1.0,
+                            filter=None)
+        assert "d7#0" not in {h.chunk_id for h in gone} and len(gone) == 5 and plans["lance"] == 1
+        # A filtered query always takes LanceDB's plan (its prefilter).
+        filtered = store.search("acme", spec, mode="vector", text="", vector=rows["d1300"].tolist(), top_k=3,
+                                alpha=1.0, filter=Between("n", gte=1300))
+        assert filtered[0].chunk_id == "d1300#0" and all(h.metadata["n"] >= 1300 for h in filtered)
+
+        store.maintain_index("acme", "app")  # the fold covers every fragment again
+        assert store.wait_for_maintenance(120) and store.index_status("acme", "app")["vector_unindexed"] == 0
+        before = dict(plans)
+        same_as_lance(_unit(rng.standard_normal((3, dim)).astype(np.float32)))
+        assert plans["indexed"] == before["indexed"] + 6 and plans["lance"] == before["lance"]
+    finally:
+        store.close()

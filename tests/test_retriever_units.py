@@ -282,3 +282,48 @@ def test_a_bad_embedding_precision_is_refused_naming_the_variable(monkeypatch):
         "RAGTUNE_RETRIEVER_EMBEDDING_PRECISION='int8': Input should be 'auto', 'float32' or 'bfloat16'"]
     monkeypatch.setenv("RAGTUNE_RETRIEVER_EMBEDDING_PRECISION", "bfloat16")
     assert RetrieverSettings().embedding_precision == "bfloat16"
+
+
+def test_a_bad_background_cpu_class_is_refused_naming_the_variable(monkeypatch):
+    from pydantic import ValidationError
+
+    from ragtune.settings import settings_errors
+    from services.retriever.settings import RetrieverSettings
+
+    assert RetrieverSettings().background_cpu == "idle"
+    monkeypatch.setenv("RAGTUNE_RETRIEVER_BACKGROUND_CPU", "batch")
+    with pytest.raises(ValidationError) as caught:
+        RetrieverSettings()
+    assert settings_errors(RetrieverSettings, caught.value) == [
+        "RAGTUNE_RETRIEVER_BACKGROUND_CPU='batch': Input should be 'idle' or 'nice'"]
+
+
+def test_ingest_threads_move_to_the_idle_cpu_class_and_their_threads_inherit_it():
+    """SCHED_IDLE for the ingest thread and the compute threads it starts (torch's OpenMP pool), not for others."""
+    import os
+    import threading
+
+    from services.retriever.embedding import lower_thread_priority
+
+    seen = {}
+
+    def policy() -> int:
+        return os.sched_getscheduler(threading.get_native_id())
+
+    def ingest_thread() -> None:
+        lower_thread_priority(3, idle=True)
+        seen["ingest"] = policy()
+        started = threading.Thread(target=lambda: seen.__setitem__("started", policy()))
+        started.start()
+        started.join()
+
+    def plain_nice() -> None:
+        lower_thread_priority(3)
+        seen["nice only"] = policy()
+
+    for target in (ingest_thread, plain_nice):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert seen == {"ingest": os.SCHED_IDLE, "started": os.SCHED_IDLE, "nice only": os.SCHED_OTHER}
+    assert policy() == os.SCHED_OTHER  # the caller's own thread is untouched

@@ -55,18 +55,21 @@ class Prepared:
 class Retriever:
     """Runs every blocking step (store, tokenizer, model) off the event loop so it keeps serving.
 
-    Ingest batches are embedded on one dedicated thread whose CPU priority is lowered by `ingest_nice`, so a
+    Ingest batches are embedded on one dedicated thread whose CPU priority is lowered by `ingest_nice` (and,
+    with `ingest_idle`, put in Linux's SCHED_IDLE class), so a
     search's query embedding (its own threads, normal priority) is served first while an ingest runs."""
 
-    def __init__(self, store: VectorStore, embedder: Embedder, *, ingest_nice: int = 10):
+    def __init__(self, store: VectorStore, embedder: Embedder, *, ingest_nice: int = 10, ingest_idle: bool = False):
         self.store = store
         self.embedder = embedder
         self.chunker = Chunker(embedder.tokenizer)
         self._bulk = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="embed-ingest", initializer=lower_thread_priority, initargs=(ingest_nice,)
+            max_workers=1, thread_name_prefix="embed-ingest", initializer=lower_thread_priority,
+            initargs=(ingest_nice, ingest_idle),
         )
+        # Searches run whole on these threads (the query embedding, one core each, and the store's call).
         self._queries = ThreadPoolExecutor(
-            max_workers=2, thread_name_prefix="embed-query", initializer=single_threaded_inference
+            max_workers=4, thread_name_prefix="embed-query", initializer=single_threaded_inference
         )
 
     def close(self) -> None:
@@ -153,21 +156,24 @@ class Retriever:
 
     # ---- search -------------------------------------------------------------------------------
     async def search(self, tenant: str, spec: CollectionSpec, query: SearchQuery) -> list[Hit]:
+        """One query thread embeds the query when the store asks for its vector and runs the store's search:
+        a hybrid search's keyword side starts first and overlaps the embedding."""
         # Hybrid always sends a vector: Weaviate would otherwise try to vectorize the query itself.
         needs_vector = query.mode in (SearchMode.VECTOR, SearchMode.HYBRID)
-        vector = None
-        if needs_vector:
-            loop = asyncio.get_running_loop()
-            vector = (await loop.run_in_executor(self._queries, self.embedder.embed, [query.text]))[0].tolist()
-        return await asyncio.to_thread(
-            lambda: self.store.search(
+
+        def query_vector() -> list[float]:
+            return self.embedder.embed([query.text])[0].tolist()
+
+        def run() -> list[Hit]:
+            return self.store.search(
                 tenant,
                 spec,
                 mode=query.mode.value,
                 text=query.text,
-                vector=vector,
+                vector=query_vector if needs_vector else None,
                 top_k=query.top_k,
                 alpha=query.alpha,
                 filter=query.filter,
             )
-        )
+
+        return await asyncio.get_running_loop().run_in_executor(self._queries, run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Sequence, Union
+from typing import Callable, Literal, Sequence, Union
 
 Scalar = Union[str, int, float, bool]
 # The embedding model's number format: auto is bfloat16 where the CPU computes it natively (embedding.py).
@@ -146,3 +146,12 @@ class SearchQuery:
     alpha: float
     filter: Filter | None = None
     vector: list[float] | None = field(default=None, compare=False)
+
+
+# A search's query vector, or a function that computes it when the store needs it (the embedded store starts
+# a hybrid search's keyword side first, so it runs while the query is embedded).
+QueryVector = Union[Sequence[float], Callable[[], Sequence[float]], None]
+
+
+def resolve_vector(vector: QueryVector) -> Sequence[float] | None:
+    return vector() if callable(vector) else vector

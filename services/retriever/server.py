@@ -220,6 +220,7 @@ def open_store(settings: RetrieverSettings, dimension: int):
         ann_rows_per_partition=settings.ann_rows_per_partition,
         hybrid_candidates=settings.hybrid_candidates,
         index_nice=settings.index_nice,
+        index_idle=settings.background_cpu == "idle",
     )
 
 
@@ -245,7 +246,8 @@ class RetrieverService:
             embedder.embed(["warm-up"])  # first forward pass allocates; pay it before SERVING
             log.info("embedding model computes in %s (RAGTUNE_RETRIEVER_EMBEDDING_PRECISION=%s)",
                      embedder.precision, self.settings.embedding_precision)
-            return Retriever(open_store(self.settings, embedder.dimension), embedder, ingest_nice=self.settings.ingest_nice)
+            return Retriever(open_store(self.settings, embedder.dimension), embedder, ingest_nice=self.settings.ingest_nice,
+                             ingest_idle=self.settings.background_cpu == "idle")
 
         self.retriever = await asyncio.to_thread(build)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from services.retriever.domain import CollectionSpec, Filter, Hit, PreparedDocument
+from services.retriever.domain import CollectionSpec, Filter, Hit, PreparedDocument, QueryVector
 
 
 class VectorStore(Protocol):
@@ -40,12 +40,13 @@ class VectorStore(Protocol):
         *,
         mode: str,
         text: str,
-        vector: list[float] | None,
+        vector: QueryVector,
         top_k: int,
         alpha: float,
         filter: Filter | None,
     ) -> list[Hit]:
-        """Best hits first; mode is "vector", "keyword" or "hybrid" (alpha: 1 pure vector, 0 pure keyword)."""
+        """Best hits first; mode is "vector", "keyword" or "hybrid" (alpha: 1 pure vector, 0 pure keyword).
+        `vector` may be a function computing it (`domain.resolve_vector`), called at most once, when needed."""
 
     def stats(self, tenant: str, spec: CollectionSpec) -> tuple[int, int]:
         """(documents, chunks) of the collection."""

@@ -2,7 +2,7 @@
 
 Why a separate process: an index build inside the service starves LanceDB's shared runtime (a 1,000-row
 append waited 22 s behind an in-process IVF_HNSW_SQ build here) and competes with searches for the CPU.
-In a child process at a lower CPU priority (nice 10 by default) the service's writes and searches keep their own runtime and take the CPU
+In a child process at a lower CPU priority (nice 10 by default, and the SCHED_IDLE class when asked) the service's writes and searches keep their own runtime and take the CPU
 first. The job commits through LanceDB's optimistic concurrency, so writes committed meanwhile are kept
 (their rows are simply not in the new index yet). Imports only LanceDB, its `lance` library and the
 standard library, so it can run as a plain script.
@@ -92,8 +92,12 @@ def run(job: dict) -> dict:
     import lancedb
 
     os.nice(job.get("nice", 10))
+    if job.get("idle") and hasattr(os, "SCHED_IDLE"):
+        # Before LanceDB starts its threads, which inherit it: the job runs on cores no search wants.
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     table = lancedb.connect(job["uri"]).open_table(job["table"])
-    return (_build if job["action"] == "build" else _optimize)(table, job)
+    result = (_build if job["action"] == "build" else _optimize)(table, job)
+    return {**result, "idle": hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(0) == os.SCHED_IDLE}
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ Policy (`IndexPolicy.plan`), applied after every write and again after every job
   `drift` times (partitions would hold twice or half the rows they were trained for), the index is rebuilt,
   so growth by doubling keeps the total build work linear in the collection size.
 
-Jobs run one at a time in a child process (`lancedb_builder.py`, at a lower CPU priority). No lock is held while they run:
+Jobs run one at a time in a child process (`lancedb_builder.py`, at a lower CPU priority, in the SCHED_IDLE class by default). No lock is held while they run:
 writes and searches go on, and LanceDB's optimistic commits keep the rows written meanwhile (they stay
 unindexed, searched exactly, until the next job folds them in).
 """

@@ -1,11 +1,16 @@
 """Vector, keyword and hybrid queries over one LanceDB collection table (the embedded store's read path).
 
+Vector hits come from the collection's `CollectionVectors` (lancedb_vector.py: the index at the newest
+version it covers, plus rows appended since), at the version the table handle sees; keyword hits from
+LanceDB's full-text search on the handle.
+
 Hybrid search fuses the top `candidates` of each side. Reading a candidate's text and metadata costs more
 than finding it (at 1M rows, 100 vector candidates: 11.3 ms with their columns, 7.7 ms as row ids; 100
 keyword candidates: 9.9 against 5.3), and fusion keeps only top_k of up to 200. So both sides return row
-ids, and only the fused top_k rows are read (`take_row_ids`, 1.2 ms for 10). A row id names a row of one
-version of the table: should an index job's compaction commit between the two reads, the ids no longer
-match their chunk ids, and the query is answered again the direct way (every candidate with its columns).
+ids, and only the fused top_k rows are read, at the vector side's version (1 ms for 10). A row id names a row
+of one version of the table: should an index job's compaction commit between the vector side's version and
+the keyword query, the ids no longer match their chunk ids, and the query is answered again the direct way
+(every candidate with its columns).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from services.retriever.domain import CollectionSpec, Hit
+from services.retriever.domain import CollectionSpec, Hit, resolve_vector
 from services.retriever.ranking import relative_score_fusion
 
 BASE_COLUMNS = ["chunk_id", "document_id", "chunk_index", "text"]
@@ -87,9 +92,32 @@ class TableSearch:
             hits.append(Hit(r["chunk_id"], r["document_id"], r["chunk_index"], r["text"], metadata, score_of(r)))
         return hits
 
-    def vector(self, table, spec, vector, limit: int, where: str | None, nprobes: int) -> list[Hit]:
+    def vector(self, table, spec, vectors, vector, limit: int, where: str | None, nprobes: int) -> list[Hit]:
+        """`vectors` (the collection's CollectionVectors) finds the rows and reads them, both at the version
+        `table` sees now."""
+        version = table.version
+        found = vectors.search(version, vector, limit, where, nprobes, chunk_ids=False)
+        hits = self._read(vectors, version, spec, found)
+        return hits if hits is not None else self.vector_direct(table, spec, vector, limit, where, nprobes)
+
+    def vector_direct(self, table, spec, vector, limit: int, where: str | None, nprobes: int) -> list[Hit]:
+        """LanceDB's own query, every hit read whole: one read of one version."""
         rows = self._vector_query(table, vector, limit, where, nprobes).select([*self.columns(spec), "_distance"]).to_list()
         return self._hits(rows, spec, lambda r: 1.0 - float(r["_distance"]))
+
+    def _read(self, vectors, version: int, spec, found: list[Candidate]) -> list[Hit] | None:
+        """The candidates' rows at `version` as hits, in order; None when a row id there is not its candidate's
+        chunk (the keyword side's ids came from a newer version, after a compaction)."""
+        if not found:
+            return []
+        try:
+            rows = vectors.rows(version, [c.row_id for c in found], self.columns(spec))
+        except OSError:  # lance: "rowaddr ... belongs to non-existent fragment"; the direct way re-reads all
+            return None
+        if len(rows) != len(found) or any(c.chunk_id and r["chunk_id"] != c.chunk_id for r, c in zip(rows, found)):
+            return None
+        scores = iter([c.score for c in found])
+        return self._hits(rows, spec, lambda r: next(scores))
 
     def keyword(self, table, spec, text: str, limit: int, where: str | None) -> list[Hit]:
         rows = self._keyword_query(table, text, limit, where).select([*self.columns(spec), "_score"]).to_list()
@@ -103,36 +131,37 @@ class TableSearch:
             return vector_results, keyword_future.result()
         return (vector_side() if alpha > 0 else []), (keyword_side() if alpha < 1 else [])
 
-    def hybrid(self, table, spec, *, text, vector, top_k, alpha, where, nprobes) -> list[Hit]:
+    def hybrid(self, table, spec, vectors, *, text, vector, top_k, alpha, where, nprobes) -> list[Hit]:
+        """`vector` may be a function computing the query vector: it is called after the keyword side has
+        started, so the two overlap (at 1M rows the keyword side takes 7 ms, the query embedding 9)."""
         limit = max(top_k, self._hybrid_candidates)
+        version = table.version
+        embedded: list = []
+
+        def query_vector():
+            if not embedded:
+                embedded.append(resolve_vector(vector))
+            return embedded[0]
 
         def vector_side() -> list[Candidate]:
-            found = self._vector_query(table, vector, limit, where, nprobes).select(["chunk_id", "_distance"])
-            found = found.with_row_id(True)
-            return [Candidate(r["chunk_id"], r["_rowid"], 1.0 - float(r["_distance"])) for r in found.to_list()]
+            return vectors.search(version, query_vector(), limit, where, nprobes)
 
         def keyword_side() -> list[Candidate]:
             found = self._keyword_query(table, text, limit, where).select(["chunk_id", "_score"]).with_row_id(True)
             return [Candidate(r["chunk_id"], r["_rowid"], float(r["_score"])) for r in found.to_list()]
 
         fused = relative_score_fusion(*self._both(vector_side, keyword_side, alpha), alpha, top_k)
-        if not fused:
-            return []
-        rows = (
-            table.take_row_ids([c.row_id for c in fused]).select(self.columns(spec)).with_row_id().to_list()
-        )
-        by_row = {r["_rowid"]: r for r in rows}
-        if any(by_row.get(c.row_id, {}).get("chunk_id") != c.chunk_id for c in fused):
-            return self.hybrid_direct(table, spec, text=text, vector=vector, top_k=top_k, alpha=alpha, where=where,
-                                      nprobes=nprobes)
-        score = {c.row_id: c.score for c in fused}
-        return self._hits([by_row[c.row_id] for c in fused], spec, lambda r: score[r["_rowid"]])
+        hits = self._read(vectors, version, spec, fused)
+        if hits is None:
+            return self.hybrid_direct(table, spec, text=text, vector=query_vector() if alpha > 0 else None, top_k=top_k,
+                                      alpha=alpha, where=where, nprobes=nprobes)
+        return hits
 
     def hybrid_direct(self, table, spec, *, text, vector, top_k, alpha, where, nprobes) -> list[Hit]:
         """Every candidate read whole, then fused: one read of one version, for when row ids went stale."""
         limit = max(top_k, self._hybrid_candidates)
         return relative_score_fusion(
-            *self._both(lambda: self.vector(table, spec, vector, limit, where, nprobes),
+            *self._both(lambda: self.vector_direct(table, spec, vector, limit, where, nprobes),
                         lambda: self.keyword(table, spec, text, limit, where), alpha),
             alpha,
             top_k,

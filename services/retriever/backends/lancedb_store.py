@@ -26,7 +26,8 @@ from ragtune.errors import AlreadyExists, NotFound
 from services.retriever.backends.lancedb_index import Action, IndexMaintainer, IndexPolicy, IndexState
 from services.retriever.backends.lancedb_search import TableSearch, nprobes_for
 from services.retriever.backends.lancedb_sql import ids_clause, where_clause
-from services.retriever.domain import CollectionSpec, FieldType, Hit, PreparedDocument
+from services.retriever.backends.lancedb_vector import CollectionVectors
+from services.retriever.domain import CollectionSpec, FieldType, Hit, PreparedDocument, resolve_vector
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,13 @@ class LanceDBStore:
         hybrid_candidates: int = 100,
         auto_index: bool = True,
         index_nice: int = 10,
+        index_idle: bool = False,
     ):
         self._root = Path(root)
         self._root.mkdir(parents=True, exist_ok=True)
         self._dimension = dimension
         self._auto_index = auto_index  # False: only explicit `maintain_index` calls (bulk loads in benchmarks)
-        self._index_nice = index_nice
+        self._index_nice, self._index_idle = index_nice, index_idle
         self._guard = threading.Lock()  # protects the dictionaries below
         self._dbs: dict[str, object] = {}
         self._tables: dict[tuple[str, str], object] = {}
@@ -81,6 +83,7 @@ class LanceDBStore:
         self._hybrid_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lancedb-hybrid")
         self._search = TableSearch(self._hybrid_pool, hybrid_candidates)
         self._partitions: dict[tuple[str, str], int] = {}  # trained partitions per collection, for nprobes
+        self._vectors: dict[tuple[str, str], CollectionVectors] = {}  # vector search per collection
 
     # ---- layout -------------------------------------------------------------------------------
     def _tenant_dir(self, tenant: str) -> Path:
@@ -177,6 +180,8 @@ class LanceDBStore:
             with self._guard:
                 self._tables.pop((tenant, name), None)
             self._partitions.pop((tenant, name), None)
+            with self._guard:
+                self._vectors.pop((tenant, name), None)
             self.indexer.forget((tenant, name))
             self._index_meta_path(tenant, name).unlink(missing_ok=True)
             try:
@@ -287,16 +292,25 @@ class LanceDBStore:
             self._partitions[key] = partitions
         return nprobes_for(partitions)
 
+    def _collection_vectors(self, tenant: str, name: str) -> CollectionVectors:
+        with self._guard:
+            vectors = self._vectors.get((tenant, name))
+            if vectors is None:
+                uri = str(self._tenant_dir(tenant) / f"{name}.lance")
+                vectors = self._vectors[(tenant, name)] = CollectionVectors(uri, _VECTOR_INDEX, self._dimension)
+            return vectors
+
     def search(self, tenant, spec, *, mode, text, vector, top_k, alpha, filter) -> list[Hit]:
         table = self._table(tenant, spec.name)
         where = where_clause(filter) if filter is not None else None
         if mode == "keyword":
             return self._search.keyword(table, spec, text, top_k, where)
         nprobes = self._nprobes(tenant, spec.name)
+        vectors = self._collection_vectors(tenant, spec.name)
         if mode == "vector":
-            return self._search.vector(table, spec, vector, top_k, where, nprobes)
-        return self._search.hybrid(table, spec, text=text, vector=vector, top_k=top_k, alpha=alpha, where=where,
-                                   nprobes=nprobes)
+            return self._search.vector(table, spec, vectors, resolve_vector(vector), top_k, where, nprobes)
+        return self._search.hybrid(table, spec, vectors, text=text, vector=vector, top_k=top_k, alpha=alpha,
+                                   where=where, nprobes=nprobes)
 
     # ---- index maintenance (see lancedb_index.py for the policy) ---------------------------------
     def _index_meta_path(self, tenant: str, name: str) -> Path:
@@ -345,6 +359,7 @@ class LanceDBStore:
             "index_name": _VECTOR_INDEX,
             "partitions": self.indexer.policy.partitions_for(state.rows),
             "nice": self._index_nice,
+            "idle": self._index_idle,
             # A build also rebuilds the full-text index when most rows are missing from it (after a bulk load):
             # cheaper than folding them all in.
             "fts": state.fts_unindexed > max(self.indexer.policy.fold_min_rows, state.rows // 2),
@@ -365,8 +380,11 @@ class LanceDBStore:
             self._partitions[key] = meta["partitions"]
         with self._guard:
             table = self._tables.get(key)
+            vectors = self._vectors.get(key)
         if table is not None:
             table.checkout_latest()  # searches see the new index now rather than after the consistency interval
+        if vectors is not None:
+            vectors.index_changed()
 
     def index_status(self, tenant: str, name: str) -> dict:
         """The collection's index state and the job running now, if any (benchmarks, tests, operators)."""

@@ -33,6 +33,7 @@ from services.retriever.domain import (
     Hit,
     InList,
     PreparedDocument,
+    resolve_vector,
 )
 
 SPECS_COLLECTION = "RagtuneCollections"
@@ -322,6 +323,7 @@ class WeaviateStore:
 
         query = self._data(tenant, spec.name).query
         filters = weaviate_filter(filter, spec) if filter is not None else None
+        vector = resolve_vector(vector) if mode != "keyword" else None  # one server call needs it first
         if mode == "vector":
             result = query.near_vector(
                 near_vector=vector, limit=top_k, filters=filters, return_metadata=MetadataQuery(distance=True)
