@@ -405,8 +405,17 @@ def test_rows_appended_after_the_index_are_searched_exactly_beside_it(tmp_path):
                                 alpha=1.0, filter=Between("n", gte=1300))
         assert filtered[0].chunk_id == "d1300#0" and all(h.metadata["n"] >= 1300 for h in filtered)
 
-        store.maintain_index("acme", "app")  # the fold covers every fragment again
+        # Eight small fragments, but some not indexed: no compaction (it would rewrite the indexed base).
+        from services.retriever.backends import lancedb_builder
+
+        for _ in range(5):
+            write(5)
+        job = {"index_name": "vector_idx", "compact_fragments": 8}
+        assert lancedb_builder._compact(store._table("acme", "app").to_lance(), job) is None
+
+        store.maintain_index("acme", "app")  # the fold covers every fragment again, then compacts
         assert store.wait_for_maintenance(120) and store.index_status("acme", "app")["vector_unindexed"] == 0
+        assert store.indexer.history[-1].result["compacted"]["fragments_removed"] >= 8
         before = dict(plans)
         same_as_lance(_unit(rng.standard_normal((3, dim)).astype(np.float32)))
         assert plans["indexed"] == before["indexed"] + 6 and plans["lance"] == before["lance"]

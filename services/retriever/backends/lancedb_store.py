@@ -416,5 +416,9 @@ class LanceDBStore:
         self.indexer.close()
         self._hybrid_pool.shutdown(wait=True)
         with self._guard:
+            for (tenant, name), vectors in self._vectors.items():
+                if vectors.plans:  # how vector queries were answered (lancedb_vector.py), for tuning
+                    log.info("vector search plans for %s/%s: %s", tenant, name, dict(vectors.plans))
+            self._vectors.clear()
             self._tables.clear()
             self._dbs.clear()
