@@ -201,40 +201,43 @@ def test_hybrid_reads_only_the_fused_rows_and_answers_the_same(tmp_path):
         store.search("acme", spec, mode="hybrid", text="lantern", vector=embed_query, top_k=7, alpha=0.0, filter=None)
         assert len(calls) == 1
 
-        # Stale row ids: delete a document, then compact between the candidates and the read of the rows.
+        # Stale row ids: a commit lands between the vector side's version and the keyword side's query. The
+        # first try meets a compaction (row ids renumbered), the second a delete; the third answers whole.
         store.delete_documents("acme", spec, ["d1"])
         vector, text = queries[0].tolist(), "lantern"
         direct_calls = []
         direct = store._search.hybrid_direct
         store._search.hybrid_direct = lambda *a, **kw: direct_calls.append(kw) or direct(*a, **kw)
 
-        class CompactsFirst:
-            """The real table, compacted (fragments rewritten, row ids renumbered) just before the keyword side's
-            query: its row ids come from a newer version than the vector side's and the rows read."""
+        class CommitsFirst:
+            """The real table, changed by a real commit just before each of the first two keyword queries."""
 
             def __init__(self, inner):
-                self._inner, self.compactions = inner, 0
+                self._inner, self.commits = inner, 0
 
             def __getattr__(self, name):
                 return getattr(self._inner, name)
 
             def search(self, *args, **kwargs):
-                if not self.compactions and kwargs.get("query_type") == "fts":
-                    self._inner.optimize()  # compacts the three fragments into one
-                    self.compactions += 1
+                if kwargs.get("query_type") == "fts" and self.commits < 2:
+                    if self.commits == 0:
+                        self._inner.optimize()  # compacts the three fragments into one
+                    else:
+                        self._inner.delete("document_id = 'd2'")
+                    self.commits += 1
                 return self._inner.search(*args, **kwargs)
 
-        compacting = CompactsFirst(table)
-        hits = store._search.hybrid(compacting, spec, store._collection_vectors("acme", "mix"), text=text, vector=vector,
+        changing = CommitsFirst(table)
+        hits = store._search.hybrid(changing, spec, store._collection_vectors("acme", "mix"), text=text, vector=vector,
                                     top_k=7, alpha=0.5, where=None, nprobes=8)
-        assert compacting.compactions == 1 and len(direct_calls) == 1  # the ids went stale: answered whole
-        assert len(hits) == 7 and "d1#0" not in {h.chunk_id for h in hits}
+        assert changing.commits == 2 and len(direct_calls) == 1  # two tries saw two versions: answered whole
+        assert len(hits) == 7 and not {"d1#0", "d2#0"} & {h.chunk_id for h in hits}
         for h in hits:  # every hit's text and metadata are its own chunk's, not those of a renumbered row
             i = int(h.chunk_id[1:].split("#")[0])
             assert h.text.endswith(f" note {i}") and h.metadata == {"n": i}
         again = store.search("acme", spec, mode="hybrid", text=text, vector=vector, top_k=7, alpha=0.5, filter=None)
         assert [(h.chunk_id, round(h.score, 6)) for h in again] == [(h.chunk_id, round(h.score, 6)) for h in hits]
-        assert len(direct_calls) == 1 and store.stats("acme", spec) == (299, 299)
+        assert len(direct_calls) == 1 and store.stats("acme", spec) == (298, 298)
     finally:
         store.close()
 
