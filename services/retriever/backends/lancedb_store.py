@@ -179,9 +179,8 @@ class LanceDBStore:
             path.unlink()
             with self._guard:
                 self._tables.pop((tenant, name), None)
-            self._partitions.pop((tenant, name), None)
-            with self._guard:
                 self._vectors.pop((tenant, name), None)
+            self._partitions.pop((tenant, name), None)
             self.indexer.forget((tenant, name))
             self._index_meta_path(tenant, name).unlink(missing_ok=True)
             try:
