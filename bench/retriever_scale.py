@@ -418,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
 
     service = Service(args.cache / "store", args.cache / "service.log", args.rows_per_partition)
     md = tenant_metadata(TENANT)
-    result: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "build": built}
+    from services.retriever.server import query_encoder
+
+    result: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "build": built,
+                    # What embeds the queries in the service (RAGTUNE_RETRIEVER_QUERY_ENCODER, as it resolves).
+                    "query_runtime": "onnxruntime" if query_encoder(RetrieverSettings()) else "torch"}
     try:
         from sentence_transformers import SentenceTransformer
 

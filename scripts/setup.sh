@@ -28,6 +28,6 @@ fi
 
 echo "==> generating gRPC stubs from protos/"
 "$VENV/bin/python" -m ragtune.protogen
-echo "==> preparing the base model (GGUF -> safetensors, once)"
+echo "==> preparing the base model (GGUF -> safetensors) and the query encoder (ONNX), once"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m ragtune.models 2>&1 | grep -v -e 'it/s\]' -e '^\s*$' || true
-"$VENV/bin/python" -c "import ragtune.models as m; assert m.is_prepared(), 'base model not prepared'"
+"$VENV/bin/python" -c "import ragtune.models as m; assert m.is_prepared(), 'base model not prepared'; assert m.query_encoder_path(), 'query encoder not prepared'"

@@ -248,6 +248,62 @@ def test_query_embedding_matches_sentence_transformers_and_the_ingest_path():
         assert (vectors * reference).sum(axis=1).min() > 0.999
 
 
+def test_the_onnx_query_encoder_gives_the_models_own_vectors():
+    """Search queries run through ONNX Runtime (the export scripts/setup.sh prepared): the vectors must be the
+    model's, or searches would drift from what torch ingested; without the export, queries go through torch."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from ragtune.models import query_encoder_path
+    from services.retriever.embedding import Embedder
+
+    texts = ["a small cat", "The Treaty of Westphalia ended the Thirty Years' War in 1648.", "kitten " * 40]
+    reference = SentenceTransformer(str(embedding_model_path()), device="cpu").encode(texts, normalize_embeddings=True)
+    path = query_encoder_path()
+    assert path is not None and path.is_file(), "run scripts/setup.sh: the model cache has no query encoder"
+    onnx = Embedder(embedding_model_path(), precision="float32", query_encoder=path)
+    assert onnx.query_runtime == "onnxruntime"
+    ours = np.stack([onnx.embed_query(t) for t in texts])
+    assert ours.dtype == np.float32 and np.abs(ours - reference).max() < 1e-5
+    plain = Embedder(embedding_model_path(), precision="float32")
+    assert plain.query_runtime == "torch"
+    assert np.abs(plain.embed_query(texts[1]) - reference[1]).max() < 1e-5
+    # Past the model's own 256-token window (chunks may hold 512) both read the same tokens, cut alike.
+    long = "kitten sat on the warm mat " * 120
+    assert np.abs(onnx.embed_query(long) - plain.embed_query(long)).max() < 1e-5
+
+
+def test_the_query_encoder_is_exported_once_readable_by_all_and_only_for_the_installed_model(tmp_path, monkeypatch):
+    import json
+    import stat
+
+    from ragtune import models
+    from services.retriever.server import query_encoder
+    from services.retriever.settings import RetrieverSettings
+
+    monkeypatch.setenv("RAGTUNE_MODEL_CACHE", str(tmp_path))
+    assert models.query_encoder_path(tmp_path) is None
+    assert query_encoder(RetrieverSettings(query_encoder="auto")) is None  # auto: torch then
+    with pytest.raises(RuntimeError, match="RAGTUNE_RETRIEVER_QUERY_ENCODER=onnx .* python -m ragtune.models"):
+        query_encoder(RetrieverSettings(query_encoder="onnx"))
+
+    path = models.prepare_query_encoder(tmp_path)
+    assert path == models.query_encoder_path(tmp_path) and path.stat().st_size > 80_000_000
+    # The images prepare models as root and serve them as another user.
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755 and stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [models.QUERY_ENCODER_DIR]  # no staging folder left
+    written = path.stat().st_mtime_ns
+    assert models.prepare_query_encoder(tmp_path) == path and path.stat().st_mtime_ns == written  # once
+    assert query_encoder(RetrieverSettings(query_encoder="onnx")) == path
+    assert query_encoder(RetrieverSettings(query_encoder="torch")) is None
+
+    # An export of another version of the model package is not used (and the next prepare replaces it).
+    marker = path.parent / "ragtune-prepared.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "source_version": "0.0.1"}))
+    assert models.query_encoder_path(tmp_path) is None
+    assert query_encoder(RetrieverSettings(query_encoder="auto")) is None
+
+
 def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(tmp_path):
     import pytest
 
@@ -284,18 +340,26 @@ def test_a_bad_embedding_precision_is_refused_naming_the_variable(monkeypatch):
     assert RetrieverSettings().embedding_precision == "bfloat16"
 
 
-def test_a_bad_background_cpu_class_is_refused_naming_the_variable(monkeypatch):
+@pytest.mark.parametrize(
+    "field, default, bad, message",
+    [
+        ("query_encoder", "auto", "tensorrt", "Input should be 'auto', 'onnx' or 'torch'"),
+        ("ann_ef", 250, "5", "Input should be greater than or equal to 10"),
+        ("background_cpu", "idle", "batch", "Input should be 'idle' or 'nice'"),
+    ],
+)
+def test_a_bad_retriever_setting_is_refused_naming_the_variable(monkeypatch, field, default, bad, message):
     from pydantic import ValidationError
 
     from ragtune.settings import settings_errors
     from services.retriever.settings import RetrieverSettings
 
-    assert RetrieverSettings().background_cpu == "idle"
-    monkeypatch.setenv("RAGTUNE_RETRIEVER_BACKGROUND_CPU", "batch")
+    assert getattr(RetrieverSettings(), field) == default
+    variable = f"RAGTUNE_RETRIEVER_{field.upper()}"
+    monkeypatch.setenv(variable, bad)
     with pytest.raises(ValidationError) as caught:
         RetrieverSettings()
-    assert settings_errors(RetrieverSettings, caught.value) == [
-        "RAGTUNE_RETRIEVER_BACKGROUND_CPU='batch': Input should be 'idle' or 'nice'"]
+    assert settings_errors(RetrieverSettings, caught.value) == [f"{variable}={bad!r}: {message}"]
 
 
 def test_ingest_threads_move_to_the_idle_cpu_class_and_their_threads_inherit_it():

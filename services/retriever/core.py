@@ -7,6 +7,7 @@ import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 from services.retriever.backends.base import VectorStore
 from services.retriever.chunking import Chunker
@@ -155,17 +156,24 @@ class Retriever:
         return await loop.run_in_executor(self._queries, run)
 
     # ---- search -------------------------------------------------------------------------------
-    async def search(self, tenant: str, spec: CollectionSpec, query: SearchQuery) -> list[Hit]:
-        """One query thread embeds the query when the store asks for its vector and runs the store's search:
-        a hybrid search's keyword side starts first and overlaps the embedding."""
-        # Hybrid always sends a vector: Weaviate would otherwise try to vectorize the query itself.
-        needs_vector = query.mode in (SearchMode.VECTOR, SearchMode.HYBRID)
+    async def search(
+        self, tenant: str, name: str, query_for: Callable[[CollectionSpec], SearchQuery]
+    ) -> tuple[CollectionSpec, list[Hit]]:
+        """Looks the collection up, builds the query against it (`query_for` validates, and may raise) and
+        searches, all on one query thread (one hop from the event loop, not one for the lookup and another for
+        the search). The store asks for the query's vector when it needs it, so a hybrid search's keyword side
+        starts first and overlaps the embedding."""
 
-        def query_vector() -> list[float]:
-            return self.embedder.embed([query.text])[0].tolist()
+        def run() -> tuple[CollectionSpec, list[Hit]]:
+            spec = self.store.get_collection(tenant, name)
+            query = query_for(spec)
+            # Hybrid always sends a vector: Weaviate would otherwise try to vectorize the query itself.
+            needs_vector = query.mode in (SearchMode.VECTOR, SearchMode.HYBRID)
 
-        def run() -> list[Hit]:
-            return self.store.search(
+            def query_vector() -> list[float]:
+                return self.embedder.embed_query(query.text).tolist()
+
+            return spec, self.store.search(
                 tenant,
                 spec,
                 mode=query.mode.value,

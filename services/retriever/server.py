@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from google.protobuf import any_pb2, timestamp_pb2
@@ -11,7 +12,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from ragtune.errors import InvalidArgument
-from ragtune.models import EMBEDDING_MODEL_NAME, embedding_model_path
+from ragtune.models import EMBEDDING_MODEL_NAME, embedding_model_path, query_encoder_path
 from ragtune.tenancy import tenant_of
 from ragtune.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from services.retriever import validation
@@ -170,9 +171,10 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
 
     async def Search(self, request, context):
         tenant = tenant_of(context)
-        spec = await self._collection(tenant, request.collection)
-        query = validation.search_query(request, spec, self._settings)
-        hits = await self._core.search(tenant, spec, query)
+        name = validation.collection_name(request.collection, "collection")
+        spec, hits = await self._core.search(
+            tenant, name, lambda spec: validation.search_query(request, spec, self._settings)
+        )
         return retriever_pb2.SearchResponse(hits=[hit_proto(h, spec) for h in hits])
 
     async def Embed(self, request, context):
@@ -193,6 +195,19 @@ def embed_response(vectors: list[list[float]], tokens: list[int], model: str) ->
         model=model,
         total_tokens=sum(tokens),
     )
+
+
+def query_encoder(settings: RetrieverSettings) -> Path | None:
+    """The ONNX export that embeds search queries, or None for torch (RAGTUNE_RETRIEVER_QUERY_ENCODER)."""
+    if settings.query_encoder == "torch":
+        return None
+    path = query_encoder_path(settings.model_cache)
+    if path is None and settings.query_encoder == "onnx":
+        raise RuntimeError(
+            f"RAGTUNE_RETRIEVER_QUERY_ENCODER=onnx but {settings.model_cache} holds no ONNX export of the "
+            "installed embedding model: run python -m ragtune.models (scripts/setup.sh does)"
+        )
+    return path
 
 
 def open_store(settings: RetrieverSettings, dimension: int):
@@ -219,6 +234,7 @@ def open_store(settings: RetrieverSettings, dimension: int):
         ann_reindex_fraction=settings.ann_reindex_fraction,
         ann_rows_per_partition=settings.ann_rows_per_partition,
         hybrid_candidates=settings.hybrid_candidates,
+        ann_ef=settings.ann_ef,
         index_nice=settings.index_nice,
         index_idle=settings.background_cpu == "idle",
     )
@@ -241,11 +257,17 @@ class RetrieverService:
             from services.retriever.embedding import Embedder
 
             embedder = Embedder(
-                embedding_model_path(), self.settings.embedding_batch_size, self.settings.embedding_precision
+                embedding_model_path(),
+                self.settings.embedding_batch_size,
+                self.settings.embedding_precision,
+                query_encoder=query_encoder(self.settings),
             )
-            embedder.embed(["warm-up"])  # first forward pass allocates; pay it before SERVING
-            log.info("embedding model computes in %s (RAGTUNE_RETRIEVER_EMBEDDING_PRECISION=%s)",
-                     embedder.precision, self.settings.embedding_precision)
+            # The first forward passes allocate; pay them before SERVING.
+            embedder.embed(["warm-up"])
+            embedder.embed_query("warm-up")
+            log.info("embedding model computes in %s (RAGTUNE_RETRIEVER_EMBEDDING_PRECISION=%s); queries in %s "
+                     "(RAGTUNE_RETRIEVER_QUERY_ENCODER=%s)", embedder.precision, self.settings.embedding_precision,
+                     embedder.query_runtime, self.settings.query_encoder)
             return Retriever(open_store(self.settings, embedder.dimension), embedder, ingest_nice=self.settings.ingest_nice,
                              ingest_idle=self.settings.background_cpu == "idle")
 

@@ -27,12 +27,14 @@ BASE_COLUMNS = ["chunk_id", "document_id", "chunk_index", "text"]
 # Query settings (bench/retriever_scale.py): IVF partitions of ~500k rows, each an HNSW graph over 8-bit
 # scalar-quantised vectors. With many small partitions recall was bounded by the partitions probed (1M rows in
 # 20 partitions: 8 probes gave recall@10 0.883, 16 gave 0.988), so a query probes 80% of them (at least 8, so
-# small indexes, and the default two of 1M rows, are searched whole). Within a graph `ef` decides it, at
-# little cost: at 1M rows in 2 partitions, ef 200 / 300 / 400 gave recall@10 0.942 / 0.968 / 0.977 at
-# 8.2 / 7.9 / 8.1 ms p50 in process; re-ranking 2x or 5x the hits on full vectors made no difference.
+# small indexes, and the default two of 1M rows, are searched whole). Within a graph the search list `ef`
+# (RAGTUNE_RETRIEVER_ANN_EF, default DEFAULT_EF) decides it: at 1M rows in 2 partitions, float32 query
+# vectors, ef 150 / 200 / 250 / 300 / 400 gave recall@10 0.952 / 0.968 / 0.978 / 0.984 / 0.988 at 6.0 / 7.2 /
+# 7.5 / 8.5 / 10.1 ms p50 in process. Re-ranking twice the hits on full vectors is what makes the distances
+# exact (they merge with the exact search of appended rows); 5x made no difference.
 MIN_NPROBES = 8
 NPROBE_FRACTION = 0.8
-EF = 400
+DEFAULT_EF = 250
 REFINE_FACTOR = 2
 
 
@@ -54,13 +56,13 @@ class TableSearch:
     """Runs queries on a table handle; `pool` runs hybrid's two sides at once (LanceDB releases the GIL, so
     the latency is the slower side, not the sum)."""
 
-    def __init__(self, pool: ThreadPoolExecutor, hybrid_candidates: int):
+    def __init__(self, pool: ThreadPoolExecutor, hybrid_candidates: int, ef: int = DEFAULT_EF):
         self._pool = pool
         self._hybrid_candidates = hybrid_candidates
+        self._ef = ef
 
     # ---- the two primitive queries --------------------------------------------------------------
-    @staticmethod
-    def _vector_query(table, vector, limit: int, where: str | None, nprobes: int):
+    def _vector_query(self, table, vector, limit: int, where: str | None, nprobes: int):
         # With an index: probe the nearest partitions' HNSW graphs with a wide search list, then re-rank
         # twice the hits on full-precision vectors (SQ alone loses recall). Without an index (small
         # collections) LanceDB ignores all three and searches exactly.
@@ -68,7 +70,7 @@ class TableSearch:
             table.search(vector, vector_column_name="vector")
             .distance_type("cosine")
             .nprobes(nprobes)
-            .ef(max(EF, 2 * limit))
+            .ef(max(self._ef, 2 * limit))
             .refine_factor(REFINE_FACTOR)
         )
         return (query.where(where, prefilter=True) if where else query).limit(limit)

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from ragtune.errors import AlreadyExists, NotFound
 from services.retriever.backends.lancedb_index import Action, IndexMaintainer, IndexPolicy, IndexState
-from services.retriever.backends.lancedb_search import TableSearch, nprobes_for
+from services.retriever.backends.lancedb_search import DEFAULT_EF, TableSearch, nprobes_for
 from services.retriever.backends.lancedb_sql import ids_clause, where_clause
 from services.retriever.backends.lancedb_vector import CollectionVectors
 from services.retriever.domain import CollectionSpec, FieldType, Hit, PreparedDocument, resolve_vector
@@ -63,6 +63,7 @@ class LanceDBStore:
         ann_reindex_fraction: float = 0.05,
         ann_rows_per_partition: int = 500_000,
         hybrid_candidates: int = 100,
+        ann_ef: int = DEFAULT_EF,
         auto_index: bool = True,
         index_nice: int = 10,
         index_idle: bool = False,
@@ -81,7 +82,8 @@ class LanceDBStore:
         )
         self.indexer = IndexMaintainer(policy, self._index_state, self._job_args, self._job_done)
         self._hybrid_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lancedb-hybrid")
-        self._search = TableSearch(self._hybrid_pool, hybrid_candidates)
+        self._search = TableSearch(self._hybrid_pool, hybrid_candidates, ann_ef)
+        self._ann_ef = ann_ef
         self._partitions: dict[tuple[str, str], int] = {}  # trained partitions per collection, for nprobes
         self._vectors: dict[tuple[str, str], CollectionVectors] = {}  # vector search per collection
 
@@ -296,7 +298,7 @@ class LanceDBStore:
             vectors = self._vectors.get((tenant, name))
             if vectors is None:
                 uri = str(self._tenant_dir(tenant) / f"{name}.lance")
-                vectors = self._vectors[(tenant, name)] = CollectionVectors(uri, _VECTOR_INDEX, self._dimension)
+                vectors = self._vectors[(tenant, name)] = CollectionVectors(uri, _VECTOR_INDEX, self._dimension, self._ann_ef)
             return vectors
 
     def search(self, tenant, spec, *, mode, text, vector, top_k, alpha, filter) -> list[Hit]:

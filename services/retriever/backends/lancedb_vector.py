@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.retriever.backends.lancedb_search import EF, REFINE_FACTOR, Candidate
+from services.retriever.backends.lancedb_search import DEFAULT_EF, REFINE_FACTOR, Candidate
 
 # Appended rows searched exactly at most; past this (a bulk load outrunning the folds) lance's plan is cheaper.
 MAX_APPENDED_ROWS = 100_000
@@ -55,8 +55,8 @@ class _Appended:
 class CollectionVectors:
     """Vector search on one collection's table, at the version the caller's LanceDB handle sees."""
 
-    def __init__(self, uri: str, index_name: str, dimension: int):
-        self._uri, self._index_name, self._dimension = uri, index_name, dimension
+    def __init__(self, uri: str, index_name: str, dimension: int, ef: int = DEFAULT_EF):
+        self._uri, self._index_name, self._dimension, self._ef = uri, index_name, dimension, ef
         self._lock = threading.Lock()
         self._root = None  # opened on first use; every version is checked out from it (one shared session)
         self._versions: dict[int, _Version] = {}
@@ -160,14 +160,13 @@ class CollectionVectors:
         # 1M, against 3.7 through LanceDB's take_row_ids.
         return self._version(version).dataset._take_rows(row_ids, columns=columns).to_pylist()
 
-    @staticmethod
-    def _nearest(dataset, vector, limit: int, where: str | None, nprobes: int, *, indexed_only: bool,
+    def _nearest(self, dataset, vector, limit: int, where: str | None, nprobes: int, *, indexed_only: bool,
                  chunk_ids: bool) -> list[Candidate]:
         # Probe the nearest partitions' HNSW graphs with a wide search list, then re-rank twice the hits on
         # full vectors (SQ alone loses recall, and re-ranked distances are exact, so they merge with the
         # exact search of appended rows). Without an index lance ignores the three and searches exactly.
         nearest = {"column": "vector", "q": np.asarray(vector, dtype=np.float32), "k": limit, "nprobes": nprobes,
-                   "ef": max(EF, 2 * limit), "refine_factor": REFINE_FACTOR, "metric": "cosine"}
+                   "ef": max(self._ef, 2 * limit), "refine_factor": REFINE_FACTOR, "metric": "cosine"}
         table = dataset.to_table(
             columns=["chunk_id", "_distance"] if chunk_ids else ["_distance"], nearest=nearest, with_row_id=True,
             fast_search=indexed_only, filter=where, prefilter=where is not None,
