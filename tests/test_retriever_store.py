@@ -79,6 +79,21 @@ def test_large_collection_gets_an_index_that_finds_the_nearest(tmp_path):
         store.close()
 
 
+def test_hits_carry_document_ids_with_hashes_and_chunk_indexes_whole(tmp_path):
+    """Hits take their document id and chunk index from the chunk id (`document_id#index`), in every mode."""
+    store = LanceDBStore(tmp_path, 4, auto_index=False)
+    spec = store.create_collection("acme", CollectionSpec("kb", 200, 40, {}, datetime.now(timezone.utc)))
+    chunks = [Chunk("faq#2024#q7", i, f"lighthouse part {i}", [1.0, float(i), 0.0, 0.0], {}, "h") for i in range(12)]
+    store.replace_documents("acme", spec, [PreparedDocument("faq#2024#q7", "h", chunks)])
+    for mode in ("vector", "keyword", "hybrid"):
+        hits = store.search("acme", spec, mode=mode, text="lighthouse part 11", vector=[1.0, 11.0, 0.0, 0.0],
+                            top_k=3, alpha=0.5, filter=None)
+        assert hits[0].chunk_id == "faq#2024#q7#11", mode
+        assert (hits[0].document_id, hits[0].chunk_index, hits[0].text) == ("faq#2024#q7", 11, "lighthouse part 11"), mode
+        assert all(h.chunk_id == f"{h.document_id}#{h.chunk_index}" for h in hits), mode
+    store.close()
+
+
 def _docs(vectors: np.ndarray, start: int) -> list[PreparedDocument]:
     return [
         PreparedDocument(f"d{i}", "h", [Chunk(f"d{i}", 0, f"text {i}", vectors[i - start], {"n": i}, "h")])

@@ -79,6 +79,12 @@ class Chunk:
         return f"{self.document_id}#{self.chunk_index}"
 
 
+def split_chunk_id(chunk_id: str) -> tuple[str, int]:
+    """The document id and chunk index a `Chunk.chunk_id` was made of (a document id may hold '#' itself)."""
+    document_id, _, index = chunk_id.rpartition("#")
+    return document_id, int(index)
+
+
 @dataclass(frozen=True)
 class PreparedDocument:
     id: str
