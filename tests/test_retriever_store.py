@@ -3,6 +3,7 @@ get an approximate vector index that still finds the nearest chunks."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
 import grpc
@@ -305,6 +306,43 @@ def test_folds_add_index_segments_merge_them_and_compact_small_fragments(tmp_pat
             assert hits[0].document_id == f"d{i}"
         assert store.search("acme", spec, mode="keyword", text=f"text {len(rows) - 1}", vector=None, top_k=1,
                             alpha=0.0, filter=None)[0].document_id == f"d{len(rows) - 1}"
+    finally:
+        store.close()
+
+
+def test_rows_left_below_the_fold_thresholds_are_folded_once_the_collection_is_quiet(tmp_path):
+    """An ingest that ends below the thresholds leaves rows unindexed; after `index_quiet_s` without writes
+    they are folded (and only then: writes keep postponing it), every row still found."""
+    rng = np.random.default_rng(9)
+    dim = 16
+    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0, index_quiet_s=3.0)
+    spec = CollectionSpec("quiet", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
+    store.create_collection("acme", spec)
+    rows = {}
+    try:
+        _append_random(store, spec, rng, rows, 1200, dim)  # the build
+        assert store.wait_for_maintenance(120) and store.indexer.history[-1].action.value == "build"
+        jobs = len(store.indexer.history)
+        for _ in range(3):  # small writes, each below the thresholds and inside the quiet period of the last
+            _append_random(store, spec, rng, rows, 20, dim)
+            assert store.wait_for_maintenance(60)
+            time.sleep(0.5)
+        status = store.index_status("acme", "quiet")
+        assert len(store.indexer.history) == jobs and status["vector_unindexed"] == 60 and status["fts_unindexed"] == 60
+        deadline = time.monotonic() + 60
+        while store.index_status("acme", "quiet")["vector_unindexed"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert store.wait_for_maintenance(60)
+        status = store.index_status("acme", "quiet")
+        assert status["vector_unindexed"] == 0 and status["fts_unindexed"] == 0
+        fold = store.indexer.history[-1]
+        assert fold.action.value == "optimize" and "60 rows unindexed after 3 s without writes" in fold.reason
+        assert fold.result["folded"]["vector_idx"]["rows"] == 60 and len(store.indexer.history) == jobs + 1
+        assert store.stats("acme", spec) == (1260, 1260)
+        last = f"d{len(rows) - 1}"
+        hits = store.search("acme", spec, mode="vector", text="", vector=rows[last].tolist(), top_k=1, alpha=1.0,
+                            filter=None)
+        assert hits[0].document_id == last
     finally:
         store.close()
 

@@ -208,6 +208,12 @@ def test_index_policy_builds_folds_and_rebuilds_on_drift():
     assert plan(rows=1_600_000, vector_partitions=16) is Action.BUILD
     assert plan(rows=400_000, vector_partitions=16) is Action.BUILD  # shrunk by deletes
     assert policy.partitions_for(1_000_000) == 20 and policy.partitions_for(5_000) == 1
+    # Quiet (no write for quiet_s): whatever is left unindexed is folded, where there is a vector index.
+    quiet = lambda **kw: policy.plan(IndexState(**kw), quiet=True)[0]  # noqa: E731
+    assert quiet(rows=60_000, vector_partitions=1, vector_unindexed=40, fts_unindexed=40) is Action.OPTIMIZE
+    assert quiet(rows=60_000, vector_partitions=1, fts_unindexed=3) is Action.OPTIMIZE
+    assert quiet(rows=60_000, vector_partitions=1) is Action.NONE
+    assert quiet(rows=5_000, vector_partitions=None, fts_unindexed=40) is Action.NONE  # small: exact is cheap
 
 
 def test_weaviate_vector_index_is_dynamic_with_the_embedded_threshold():
@@ -346,6 +352,7 @@ def test_a_bad_embedding_precision_is_refused_naming_the_variable(monkeypatch):
         ("query_encoder", "auto", "tensorrt", "Input should be 'auto', 'onnx' or 'torch'"),
         ("ann_ef", 250, "5", "Input should be greater than or equal to 10"),
         ("background_cpu", "idle", "batch", "Input should be 'idle' or 'nice'"),
+        ("index_quiet_s", 30.0, "-1", "Input should be greater than or equal to 0"),
     ],
 )
 def test_a_bad_retriever_setting_is_refused_naming_the_variable(monkeypatch, field, default, bad, message):

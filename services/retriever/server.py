@@ -237,6 +237,7 @@ def open_store(settings: RetrieverSettings, dimension: int):
         ann_ef=settings.ann_ef,
         index_nice=settings.index_nice,
         index_idle=settings.background_cpu == "idle",
+        index_quiet_s=settings.index_quiet_s or None,
     )
 
 

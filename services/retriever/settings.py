@@ -93,6 +93,13 @@ class RetrieverSettings(ServiceSettings):
         "1,000; the full-text index folds past 1,000); until then they are searched exactly. The vector index is "
         "rebuilt when the collection doubles (or halves).",
     )
+    index_quiet_s: float = Field(
+        30.0,
+        ge=0,
+        description="Once a collection with a vector index has had no write for this many seconds, the rows still "
+        "unindexed (an ingest that ended below the fold thresholds) are folded into its indexes and small fragments "
+        "compacted, so searches at rest use the indexes alone; 0 turns this off.",
+    )
     index_nice: int = Field(
         10, ge=0, le=19, description="CPU priority drop (nice) of the background index process of the embedded store."
     )

@@ -15,6 +15,9 @@ Policy (`IndexPolicy.plan`), applied after every write and again after every job
   vectors) or the vector index more than `fold_fraction` of the collection. A fold costs what indexing the
   new rows costs, not a rebuild (10k new rows at 1M: 1.4 s), and merges the newer segments once an index
   has four (see lancedb_builder.py);
+- rows still unindexed once the collection has had no write for `quiet_s` seconds (an ingest that ended below
+  the thresholds) are folded then, with the compaction that follows a fold, so a collection at rest is
+  searched through its indexes alone (only collections that have a vector index: smaller ones are cheap);
 - when the collection has grown or shrunk so that the wanted partition count differs from the built one by
   `drift` times (partitions would hold twice or half the rows they were trained for), the index is rebuilt,
   so growth by doubling keeps the total build work linear in the collection size.
@@ -70,6 +73,7 @@ class IndexPolicy:
     fts_fold_fraction: float = 0.1
     fts_fold_floor: int = 100
     drift: float = 2.0
+    quiet_s: float | None = 30.0  # None: no fold for a quiet collection
 
     def partitions_for(self, rows: int) -> int:
         return max(1, min(self.max_partitions, rows // self.rows_per_partition))
@@ -82,8 +86,9 @@ class IndexPolicy:
         """Unindexed full-text rows beyond which they are folded into the index."""
         return max(self.fts_fold_floor, min(self.fold_min_rows, self.fts_fold_fraction * rows))
 
-    def plan(self, state: IndexState) -> tuple[Action, str]:
-        """The next job for a collection, with the reason (logged and shown by `status`)."""
+    def plan(self, state: IndexState, *, quiet: bool = False) -> tuple[Action, str]:
+        """The next job for a collection, with the reason (logged and shown by `status`); `quiet`: it has had
+        no write for `quiet_s` seconds."""
         if state.vector_partitions is None:
             if state.rows >= self.min_rows:
                 return Action.BUILD, f"{state.rows} rows reached the index threshold {self.min_rows}"
@@ -95,6 +100,9 @@ class IndexPolicy:
             return Action.OPTIMIZE, f"{state.fts_unindexed} of {state.rows} rows not in the full-text index"
         if state.vector_partitions and state.vector_unindexed > self.fold_threshold(state.rows):
             return Action.OPTIMIZE, f"{state.vector_unindexed} of {state.rows} rows not in the vector index"
+        if quiet and state.vector_partitions is not None and (state.vector_unindexed or state.fts_unindexed):
+            unindexed = max(state.vector_unindexed, state.fts_unindexed)
+            return Action.OPTIMIZE, f"{unindexed} rows unindexed after {self.quiet_s:g} s without writes"
         return Action.NONE, "up to date"
 
 
@@ -131,6 +139,7 @@ class IndexMaintainer:
         self._cond = threading.Condition()
         self._dirty: dict[tuple[str, str], None] = {}  # insertion-ordered set
         self._forced: set[tuple[str, str]] = set()
+        self._quiet: dict[tuple[str, str], float] = {}  # when each written collection turns quiet (monotonic)
         self._busy: tuple[str, str] | None = None
         self._child: subprocess.Popen | None = None
         self._closed = False
@@ -145,6 +154,8 @@ class IndexMaintainer:
             if self._closed:
                 return
             self._dirty[key] = None
+            if self.policy.quiet_s is not None:
+                self._quiet[key] = time.monotonic() + self.policy.quiet_s
             if rebuild:
                 self._forced.add(key)
             self._cond.notify_all()
@@ -153,10 +164,12 @@ class IndexMaintainer:
         """The collection is gone: drop pending work; a running job's result is discarded by its caller."""
         with self._cond:
             self._dirty.pop(key, None)
+            self._quiet.pop(key, None)
             self._forced.discard(key)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Blocks until no job is running or pending (benchmarks and tests)."""
+        """Blocks until no job is running or pending (benchmarks and tests); a quiet fold not yet due is not
+        pending."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._dirty or self._busy is not None:
@@ -170,6 +183,7 @@ class IndexMaintainer:
         with self._cond:
             self._closed = True
             self._dirty.clear()
+            self._quiet.clear()
             child = self._child
             self._cond.notify_all()
         if child is not None and child.poll() is None:
@@ -177,10 +191,17 @@ class IndexMaintainer:
         self._thread.join(timeout=30)
 
     # ---- the worker ---------------------------------------------------------------------------
-    def _next(self) -> tuple[tuple[str, str], bool] | None:
+    def _next(self) -> tuple[tuple[str, str], bool, bool] | None:
+        """The next collection to plan: a written one, else one whose quiet period is over (then quiet=True)."""
         with self._cond:
             while not self._dirty and not self._closed:
-                self._cond.wait()
+                now = time.monotonic()
+                due = min(self._quiet.items(), key=lambda item: item[1], default=None)
+                if due is not None and due[1] <= now:
+                    del self._quiet[due[0]]
+                    self._busy = due[0]
+                    return due[0], False, True
+                self._cond.wait(None if due is None else due[1] - now)
             if self._closed:
                 return None
             key = next(iter(self._dirty))
@@ -188,16 +209,16 @@ class IndexMaintainer:
             forced = key in self._forced
             self._forced.discard(key)
             self._busy = key
-            return key, forced
+            return key, forced, False
 
     def _loop(self) -> None:
         while True:
             item = self._next()
             if item is None:
                 return
-            key, forced = item
+            key, forced, quiet = item
             try:
-                self._maintain(key, forced)
+                self._maintain(key, forced, quiet)
             except Exception:  # noqa: BLE001 - maintenance must never stop; search stays correct without it
                 log.exception("index maintenance failed for %s/%s", *key)
             finally:
@@ -205,12 +226,13 @@ class IndexMaintainer:
                     self._busy = None
                     self._cond.notify_all()
 
-    def _maintain(self, key: tuple[str, str], forced: bool) -> None:
+    def _maintain(self, key: tuple[str, str], forced: bool, quiet: bool = False) -> None:
         for _ in range(8):  # re-plan: rows written during a job may call for the next one
             state = self._inspect(key)
             if state is None:
                 return  # deleted
-            action, reason = self.policy.plan(state)
+            action, reason = self.policy.plan(state, quiet=quiet)
+            quiet = False  # once: a write during the fold starts a new quiet period
             if forced and state.rows > 0:
                 action, reason, forced = Action.BUILD, "rebuild requested", False
             if action is Action.NONE:

@@ -67,6 +67,7 @@ class LanceDBStore:
         auto_index: bool = True,
         index_nice: int = 10,
         index_idle: bool = False,
+        index_quiet_s: float | None = 30.0,
     ):
         self._root = Path(root)
         self._root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,8 @@ class LanceDBStore:
         self._tables: dict[tuple[str, str], object] = {}
         self._write_locks: dict[tuple[str, str], threading.Lock] = {}
         policy = IndexPolicy(
-            min_rows=ann_min_chunks, rows_per_partition=ann_rows_per_partition, fold_fraction=ann_reindex_fraction
+            min_rows=ann_min_chunks, rows_per_partition=ann_rows_per_partition, fold_fraction=ann_reindex_fraction,
+            quiet_s=index_quiet_s,
         )
         self.indexer = IndexMaintainer(policy, self._index_state, self._job_args, self._job_done)
         self._hybrid_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lancedb-hybrid")
