@@ -43,13 +43,19 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
+def _new_collection(tmp_path, name: str, dim: int, **store_options) -> tuple[LanceDBStore, CollectionSpec]:
+    """A store on tmp_path holding one empty collection `name` (one INT field `n`) of tenant acme."""
+    store = LanceDBStore(tmp_path, dim, **store_options)
+    spec = CollectionSpec(name, 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
+    store.create_collection("acme", spec)
+    return store, spec
+
+
 def test_large_collection_gets_an_index_that_finds_the_nearest(tmp_path):
     rng = np.random.default_rng(7)
     dim, n = 32, 1200
     vectors = _unit(rng.standard_normal((n, dim)).astype(np.float32))
-    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0)
-    spec = CollectionSpec("big", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
-    store.create_collection("acme", spec)
+    store, spec = _new_collection(tmp_path, "big", dim, ann_min_chunks=1000, index_nice=0)
     try:
         for start in range(0, n, 400):  # three commits; the index appears once the threshold is crossed
             docs = [
@@ -120,10 +126,8 @@ def test_writes_and_searches_proceed_while_the_index_is_rebuilt(tmp_path):
     rng = np.random.default_rng(3)
     dim = 64
     # Bulk-loaded without automatic maintenance, then one forced (re)build: the job the writes overlap.
-    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, ann_rows_per_partition=1000, auto_index=False,
-                         index_nice=0)
-    spec = CollectionSpec("big", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
-    store.create_collection("acme", spec)
+    store, spec = _new_collection(tmp_path, "big", dim, ann_min_chunks=1000, ann_rows_per_partition=1000,
+                                  auto_index=False, index_nice=0)
     try:
         store.replace_documents("acme", spec, _docs(_unit(rng.standard_normal((3000, dim)).astype(np.float32)), 0))
         store.maintain_index("acme", "big", rebuild=True)
@@ -179,9 +183,7 @@ def test_hybrid_reads_only_the_fused_rows_and_answers_the_same(tmp_path):
 
     rng = np.random.default_rng(11)
     dim = 16
-    store = LanceDBStore(tmp_path, dim, auto_index=False, hybrid_candidates=20)
-    spec = CollectionSpec("mix", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
-    store.create_collection("acme", spec)
+    store, spec = _new_collection(tmp_path, "mix", dim, auto_index=False, hybrid_candidates=20)
     try:
         for start in range(0, 300, 100):  # three fragments, so a compaction has something to rewrite
             store.replace_documents("acme", spec, _word_docs(rng, dim, start, 100))
@@ -264,9 +266,7 @@ def test_folds_add_index_segments_merge_them_and_compact_small_fragments(tmp_pat
     row stays findable and counted."""
     rng = np.random.default_rng(5)
     dim = 16
-    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0, index_idle=True)
-    spec = CollectionSpec("grow", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
-    store.create_collection("acme", spec)
+    store, spec = _new_collection(tmp_path, "grow", dim, ann_min_chunks=1000, index_nice=0, index_idle=True)
     rows = {}
 
     def write(count: int) -> None:
@@ -315,9 +315,7 @@ def test_rows_left_below_the_fold_thresholds_are_folded_once_the_collection_is_q
     they are folded (and only then: writes keep postponing it), every row still found."""
     rng = np.random.default_rng(9)
     dim = 16
-    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0, index_quiet_s=3.0)
-    spec = CollectionSpec("quiet", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
-    store.create_collection("acme", spec)
+    store, spec = _new_collection(tmp_path, "quiet", dim, ann_min_chunks=1000, index_nice=0, index_quiet_s=3.0)
     rows = {}
     try:
         _append_random(store, spec, rng, rows, 1200, dim)  # the build
@@ -354,9 +352,7 @@ def test_a_fold_killed_mid_job_loses_no_row_and_the_next_fold_completes(tmp_path
 
     rng = np.random.default_rng(9)
     dim = 16
-    spec = CollectionSpec("kill", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
-    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0)
-    store.create_collection("acme", spec)
+    store, spec = _new_collection(tmp_path, "kill", dim, ann_min_chunks=1000, index_nice=0)
     vectors = _unit(rng.standard_normal((2600, dim)).astype(np.float32))
     killed = 0
     try:
@@ -399,9 +395,7 @@ def test_rows_appended_after_the_index_are_searched_exactly_beside_it(tmp_path):
     seen at once; a delete from an indexed fragment sends queries to LanceDB's plan until the next fold."""
     rng = np.random.default_rng(11)
     dim = 16
-    store = LanceDBStore(tmp_path, dim, ann_min_chunks=1000, index_nice=0, auto_index=False)
-    spec = CollectionSpec("app", 200, 40, {"n": FieldType.INT}, datetime.now(timezone.utc))
-    store.create_collection("acme", spec)
+    store, spec = _new_collection(tmp_path, "app", dim, ann_min_chunks=1000, index_nice=0, auto_index=False)
     rows = {}
 
     def write(count: int) -> None:
