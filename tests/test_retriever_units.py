@@ -271,6 +271,9 @@ def test_the_onnx_query_encoder_gives_the_models_own_vectors():
     assert onnx.query_runtime == "onnxruntime"
     ours = np.stack([onnx.embed_query(t) for t in texts])
     assert ours.dtype == np.float32 and np.abs(ours - reference).max() < 1e-5
+    # Split across two cores (RAGTUNE_RETRIEVER_QUERY_ENCODER_THREADS), a query gets the same vector.
+    split = Embedder(embedding_model_path(), precision="float32", query_encoder=path, query_threads=2)
+    assert np.abs(np.stack([split.embed_query(t) for t in texts]) - reference).max() < 1e-5
     plain = Embedder(embedding_model_path(), precision="float32")
     assert plain.query_runtime == "torch"
     assert np.abs(plain.embed_query(texts[1]) - reference[1]).max() < 1e-5
@@ -351,6 +354,7 @@ def test_a_bad_embedding_precision_is_refused_naming_the_variable(monkeypatch):
     [
         ("query_encoder", "auto", "tensorrt", "Input should be 'auto', 'onnx' or 'torch'"),
         ("ann_ef", 250, "5", "Input should be greater than or equal to 10"),
+        ("query_encoder_threads", 2, "0", "Input should be greater than or equal to 1"),
         ("background_cpu", "idle", "batch", "Input should be 'idle' or 'nice'"),
         ("index_quiet_s", 30.0, "-1", "Input should be greater than or equal to 0"),
     ],

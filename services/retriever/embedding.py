@@ -14,8 +14,11 @@ Search queries go through ONNX Runtime instead where the model cache holds the m
 (`python -m ragtune.models`, `query_encoder`): one short query took 4.8 ms there against 8.9 in torch at
 bfloat16 (one core each; a 22-token Jeopardy question 9.0 against 14.2 in the service at 1M chunks), at
 float32 (cosine 0.9999999 to torch's float32 vector). Its int8 quantization (per channel, 3.9 ms) was
-dropped: it changed 12.5% of a question's exact top 10 at 1M chunks. Ingest stays on torch, which embeds
-200-token batches twice as fast as ONNX Runtime at bfloat16.
+dropped: it changed 12.5% of a question's exact top 10 at 1M chunks, and so was weight-only 8-bit
+(MatMulNBits, blocks of 32: 5.3 ms against 5.5, cosine 0.9996). Ingest stays on torch, which embeds
+200-token batches twice as fast as ONNX Runtime at bfloat16. A query may use two cores
+(`query_threads`): 3.3-4.5 ms instead of 5.5 alone, and at 1M chunks in the service vector search p95 fell
+from 22.0-23.1 to 20.3-21.0 ms.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ class Embedder:
     different threads: inference needs no lock, and a query must never queue behind an ingest batch."""
 
     def __init__(
-        self, model_path: Path, batch_size: int = 64, precision: str = "auto", query_encoder: Path | None = None
+        self, model_path: Path, batch_size: int = 64, precision: str = "auto", query_encoder: Path | None = None,
+        query_threads: int = 1,
     ):
         import torch
         from sentence_transformers import SentenceTransformer
@@ -78,7 +82,7 @@ class Embedder:
         self._batch_size = batch_size
         self._bulk_lock = threading.Lock()  # one ingest batch at a time: two would only split the cores
         self.dimension = int(self._model.get_embedding_dimension())
-        self._onnx = _onnx_session(query_encoder) if query_encoder else None
+        self._onnx = _onnx_session(query_encoder, query_threads) if query_encoder else None
         self.query_runtime = "onnxruntime" if self._onnx else "torch"
 
     @property
@@ -157,13 +161,20 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
-def _onnx_session(path: Path):
-    """An ONNX Runtime session that runs each call on the calling thread alone: like the torch queries, one
-    core a query, so concurrent searches each get theirs and none waits on a thread pool's barrier."""
+def _onnx_session(path: Path, threads: int = 1):
+    """An ONNX Runtime session whose calls each use up to `threads` cores (the calling thread and threads - 1
+    pool threads shared by concurrent calls).
+
+    The pool's threads do not spin while they wait for work: spinning kept a second core busy between a
+    query's operators, which on a 2-core machine is the core the rest of the service (gRPC, the store, the
+    other side of a hybrid search) needs. A parallel section does not wait on pool threads that have not
+    started its work: the calling thread runs what they leave, so a busy core slows a query down to one core's
+    speed and no further (unlike OpenMP's barriers, see single_threaded_inference)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

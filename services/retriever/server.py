@@ -262,6 +262,7 @@ class RetrieverService:
                 self.settings.embedding_batch_size,
                 self.settings.embedding_precision,
                 query_encoder=query_encoder(self.settings),
+                query_threads=self.settings.query_encoder_threads,
             )
             # The first forward passes allocate; pay them before SERVING.
             embedder.embed(["warm-up"])
