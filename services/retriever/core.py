@@ -68,7 +68,8 @@ class Retriever:
             max_workers=1, thread_name_prefix="embed-ingest", initializer=lower_thread_priority,
             initargs=(ingest_nice, ingest_idle),
         )
-        # Searches run whole on these threads (the query embedding, one core each, and the store's call).
+        # Searches run whole on these threads (the query embedding and the store's call). torch queries use one
+        # core each; ONNX Runtime queries up to RAGTUNE_RETRIEVER_QUERY_ENCODER_THREADS (embedding._onnx_session).
         self._queries = ThreadPoolExecutor(
             max_workers=4, thread_name_prefix="embed-query", initializer=single_threaded_inference
         )

@@ -17,7 +17,7 @@ float32 (cosine 0.9999999 to torch's float32 vector). Its int8 quantization (per
 dropped: it changed 12.5% of a question's exact top 10 at 1M chunks, and so was weight-only 8-bit
 (MatMulNBits, blocks of 32: 5.3 ms against 5.5, cosine 0.9996). Ingest stays on torch, which embeds
 200-token batches twice as fast as ONNX Runtime at bfloat16. A query may use two cores
-(`query_threads`): 3.3-4.5 ms instead of 5.5 alone, and at 1M chunks in the service vector search p95 fell
+(`query_threads`; its pool threads never spin): 4.2-4.5 ms instead of 5.4-5.8 alone (3.3 if they spun), and at 1M chunks in the service vector search p95 fell
 from 22.0-23.1 to 20.3-21.0 ms.
 """
 
