@@ -274,8 +274,9 @@ def test_the_onnx_query_encoder_gives_the_models_own_vectors():
     # Split across two cores (RAGTUNE_RETRIEVER_QUERY_ENCODER_THREADS), a query gets the same vector.
     split = Embedder(embedding_model_path(), precision="float32", query_encoder=path, query_threads=2)
     assert np.abs(np.stack([split.embed_query(t) for t in texts]) - reference).max() < 1e-5
-    plain = Embedder(embedding_model_path(), precision="float32")
-    assert plain.query_runtime == "torch"
+    assert (onnx.query_threads, split.query_threads) == (1, 2)
+    plain = Embedder(embedding_model_path(), precision="float32", query_threads=2)
+    assert plain.query_runtime == "torch" and plain.query_threads == 1  # torch queries keep one core
     assert np.abs(plain.embed_query(texts[1]) - reference[1]).max() < 1e-5
     # Past the model's own 256-token window (chunks may hold 512) both read the same tokens, cut alike.
     long = "kitten sat on the warm mat " * 120

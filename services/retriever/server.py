@@ -268,8 +268,10 @@ class RetrieverService:
             embedder.embed(["warm-up"])
             embedder.embed_query("warm-up")
             log.info("embedding model computes in %s (RAGTUNE_RETRIEVER_EMBEDDING_PRECISION=%s); queries in %s "
-                     "(RAGTUNE_RETRIEVER_QUERY_ENCODER=%s)", embedder.precision, self.settings.embedding_precision,
-                     embedder.query_runtime, self.settings.query_encoder)
+                     "(RAGTUNE_RETRIEVER_QUERY_ENCODER=%s) on %d thread(s) a query "
+                     "(RAGTUNE_RETRIEVER_QUERY_ENCODER_THREADS=%d)", embedder.precision,
+                     self.settings.embedding_precision, embedder.query_runtime, self.settings.query_encoder,
+                     embedder.query_threads, self.settings.query_encoder_threads)
             return Retriever(open_store(self.settings, embedder.dimension), embedder, ingest_nice=self.settings.ingest_nice,
                              ingest_idle=self.settings.background_cpu == "idle")
 
