@@ -1,6 +1,6 @@
 """`ragtune up`: runs the four services locally as child processes, waits until each is SERVING,
 optionally runs the demo, supervises them, and stops them in order (gateway first) on Ctrl-C or
-SIGTERM.
+SIGTERM; a second one during the stop kills what is left, so no service outlives the launcher.
 
 Supervision: a service that exits on its own is started again after a backoff (1 s, doubling up
 to 30 s; back to 1 s once it has served for a minute), while the others keep serving. A service
@@ -91,6 +91,7 @@ RESTART_INITIAL_BACKOFF_S = 1.0
 RESTART_MAX_BACKOFF_S = 30.0
 RESTART_STABLE_AFTER_S = 60.0  # serving this long resets the backoff
 RESTART_LIMIT = 5  # crashes in a row without reaching SERVING before the suite gives up
+STOP_GRACE_S = 60.0  # a service's time to stop after SIGTERM before it is killed (the servers' own grace is 10 s)
 
 
 @dataclass
@@ -199,16 +200,30 @@ class LocalSuite:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        for s in reversed(self.services):  # gateway first, so no new work reaches the others
-            proc = self.procs.get(s.name)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                print(f"stopped {s.name} (exit {proc.returncode})")
+        """Stops the running services in order, the gateway first (so no new work reaches the others), each
+        given STOP_GRACE_S to finish what it holds; `hurry` during the stop kills what is left instead."""
+        running = [(s.name, p) for s in reversed(self.services) if (p := self.procs.get(s.name)) and p.poll() is None]
+        for name, proc in running:
+            proc.send_signal(signal.SIGTERM)  # a no-op for one `hurry` already killed
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            print(f"stopped {name} (exit {proc.returncode})")
+
+    def hurry(self) -> None:
+        """Kills every service still running: a second Ctrl-C while `stop` waits. Interrupting the stop
+        instead would leave the services, each in a session of its own, serving with no launcher."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+def hurry_on_signals(suite: LocalSuite) -> None:
+    """From now on Ctrl-C and SIGTERM hurry the suite's stop (see LocalSuite.hurry) rather than interrupt it."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: suite.hurry())
 
 
 def _answers(port: int) -> bool:
@@ -244,6 +259,7 @@ def run_up(demo: bool = False, exit_after: bool = False) -> int:
     suite = LocalSuite(_home())
 
     def on_signal(signum, frame):
+        hurry_on_signals(suite)  # before the stop starts: a second signal must not interrupt it
         raise KeyboardInterrupt
 
     # SIGINT explicitly too: a launcher started in the background by a shell inherits SIGINT ignored.
@@ -270,4 +286,5 @@ def run_up(demo: bool = False, exit_after: bool = False) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        hurry_on_signals(suite)
         suite.stop()

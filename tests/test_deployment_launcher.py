@@ -1,16 +1,19 @@
 """The local launcher supervises: a service that dies is started again with backoff while the others
-keep serving, and one that cannot start at all stops the suite with the reason. Uses the two light
-services (retriever and gateway), never the vLLM generator."""
+keep serving, one that cannot start at all stops the suite with the reason, and a second Ctrl-C during
+the stop leaves no service running. Uses the two light services (retriever and gateway), never the vLLM
+generator."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
 import pytest
 
 from clients import launcher
-from clients.launcher import SERVICES, LocalService, LocalSuite, _status
+from clients.launcher import SERVICES, LocalService, LocalSuite, _status, hurry_on_signals
 from tests.grpc_support import free_port
 
 SERVING = 1  # grpc.health.v1 ServingStatus SERVING
@@ -89,3 +92,31 @@ def test_a_service_that_cannot_start_stops_the_suite(tmp_path, monkeypatch):
     assert suite.restarts["broken"] == launcher.RESTART_LIMIT - 1
     # Backoff doubles: 0.05 + 0.1 + 0.2 + 0.4 s at least between the five starts.
     assert time.monotonic() - started >= 0.75
+
+
+def test_a_second_ctrl_c_during_the_stop_kills_what_is_left_instead_of_orphaning_it(light_suite, monkeypatch):
+    """The services run in sessions of their own, so Ctrl-C reaches only the launcher. A second Ctrl-C
+    while it stops them (people press it twice; `timeout` forwards a signal to the group it was also sent
+    to) used to interrupt the stop and leave the rest serving with no launcher."""
+    suite = light_suite
+    suite.start()
+    suite.wait_serving(timeout=300)
+    retriever = suite.procs["retriever"]
+    os.kill(retriever.pid, signal.SIGSTOP)  # a service slow to stop: SIGTERM waits until it runs again
+    monkeypatch.setattr(launcher, "STOP_GRACE_S", 120.0)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    second = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        hurry_on_signals(suite)
+        second.start()
+        started = time.monotonic()
+        suite.stop()  # the gateway stops on SIGTERM; the retriever holds the stop until the second Ctrl-C
+        took = time.monotonic() - started
+    finally:
+        second.cancel()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert suite.procs["gateway"].returncode == 0
+    assert retriever.returncode == -signal.SIGKILL
+    assert 3.0 <= took < 60, f"the stop took {took:.1f} s"
+    assert all(p.poll() is not None for p in suite.procs.values())
