@@ -84,7 +84,7 @@ class Embedder:
         self.dimension = int(self._model.get_embedding_dimension())
         self._onnx = _onnx_session(query_encoder, query_threads) if query_encoder else None
         self.query_runtime = "onnxruntime" if self._onnx else "torch"
-        self.query_threads = query_threads if self._onnx else 1  # torch queries keep one core (see embed)
+        self.query_threads = query_threads if self._onnx else 1  # torch queries: single_threaded_inference
 
     @property
     def tokenizer(self):
