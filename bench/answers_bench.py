@@ -16,6 +16,9 @@ question before the other arms, so vLLM's prefix cache never hands it their work
 and generator), so each lever's effect is measured in the same run; `--engine-variants` starts more
 generators with environment overrides (threads, compiled mode) and sends them the gold prompts too;
 `--skip-first 8` asks only the questions the answer settings were not tuned on.
+Every run counts, per arm, the answers that repeat a run of the gateway's system prompt
+(`system_prompt_leaks`, with the gateway's own detector, gateway.leak_guard): the goal is 0 for the arms
+that go through the gateway; the gold arm, straight to the generator, shows how often the model itself leaks.
 
 Run: .venv/bin/python -m bench.answers_bench [--per-kind 8] [--levers all]; writes bench/results/answers.json.
 """
@@ -170,6 +173,13 @@ def summarize(results: list[Answer], arms: list[str]) -> dict:
         table[arm]["answerable"] = tally([a for a in mine if a.kind != UNANSWERABLE])
         table[arm]["all"] = tally(mine)
     return table
+
+
+def system_prompt_leaks(results: list[Answer], arms: list[str]) -> dict[str, int]:
+    """Per arm, the answers that repeat a run of the gateway's system prompt."""
+    from gateway.leak_guard import contains_system_prompt
+
+    return {arm: sum(contains_system_prompt(a.answer) for a in results if a.arm == arm) for arm in arms}
 
 
 def targets(table: dict) -> dict:
@@ -347,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
         names = [a.name for a in arms]
         table = summarize(results, names)
+        leaks = system_prompt_leaks(results, names)
         result = {
             "config": {**vars(args), "distractor_articles": args.distractors, "documents": len(corpus.documents),
                        "chunks": totals["chunks"], "plain_chunks": plain_chunks,
@@ -354,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                        "gateway_env": {k: v for k, v in os.environ.items() if k.startswith("RAGTUNE_GATEWAY_")
                                        and "ADDRESS" not in k and "KEY" not in k}},
             "table": table,
-            "targets": targets(table),
+            "targets": {**targets(table),
+                        "no_system_prompt_leaks_through_gateway": not any(
+                            n for arm, n in leaks.items() if arm.startswith("rag"))},
+            "system_prompt_leaks": leaks,
             "levers": [{**a.describe(), **lever_effect(table, a.name)} for a in lever_arms],
             "engine_variants": {e.name: {"env": e.overrides, **engine_effect(table, f"gold@{e.name}")}
                                 for e in engines},

@@ -20,6 +20,7 @@ from gateway.chat_rewrite import (
     AS_WRITTEN, REWRITE_MAX_TOKENS, REWRITE_STOP, SearchQuery, judge_rewrite, rewrite_prompt,
 )
 from gateway.downstream import CallBudget, Downstream
+from gateway.leak_guard import LeakGuard
 from gateway.prompting import ABSTENTION, ContextPassage, build_messages
 from gateway.rag import AskPipeline, TokenCounter, after_first_event, question_violations
 from gateway.selection import about_the_question, select_passages
@@ -70,6 +71,7 @@ def validate_conversation(c: gateway_pb2.ChatConversation, max_top_k: int) -> No
 class _Choice:
     text: str = ""
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    guard: LeakGuard = field(default_factory=LeakGuard)  # the answer never repeats the system prompt
 
 
 @dataclass
@@ -236,12 +238,14 @@ class ChatPipeline:
                 while len(run.choices) <= part.index:
                     run.choices.append(_Choice())
                 choice = run.choices[part.index]
-                if part.delta or part.logprobs:
+                # A message with a finish reason ends its choice: the guard lets go of what it holds.
+                content, logprobs = choice.guard.feed(part.delta, part.logprobs, last=bool(part.finish_reason))
+                if content or logprobs:
                     if run.first_token_at is None:
                         run.first_token_at = time.perf_counter()
-                    choice.text += part.delta
+                    choice.text += content
                     yield gateway_pb2.ChatStreamResponse(delta=gateway_pb2.ChatDelta(
-                        index=part.index, content=part.delta, logprobs=part.logprobs))
+                        index=part.index, content=content, logprobs=logprobs))
                 if part.finish_reason:
                     choice.finish_reason = part.finish_reason
                 if part.HasField("usage"):  # the last message of the stream

@@ -4,6 +4,10 @@ Passages enter the prompt numbered and delimited, marked as untrusted material; 
 for one sentence from them, or the fixed abstention when they do not answer. Every token here is
 read before the first answer token, so the wording is short. Context is fitted, whole passages in
 order, to the model's window with room left for the answer.
+
+Untrusted text (a passage, a document id) goes through `neutralise` before it enters the prompt, so
+it can never close its wrapper, forge a passage header or a chat-template role marker; ordinary text
+passes byte for byte.
 """
 
 from __future__ import annotations
@@ -48,8 +52,51 @@ class ContextPassage:
     text: str
 
 
+# Characters a model or a tokenizer may read as the wrapper's angle brackets (fullwidth and small forms
+# too), and invisible ones an attacker can slip between them to dodge a plain match.
+_ANGLES = {"<": "\u2039", "\uff1c": "\u2039", "\ufe64": "\u2039",
+           ">": "\u203a", "\uff1e": "\u203a", "\ufe65": "\u203a"}
+_INVISIBLE = "\u00ad\u200b-\u200f\u2060-\u2064\ufeff"
+_GAP = f"[\\s{_INVISIBLE}]*"
+# Three angle brackets in a row is the wrapper's own mark (<<< and >>>).
+_WRAPPER_MARK = re.compile(f"[{''.join(_ANGLES)}](?:[{_INVISIBLE}]*[{''.join(_ANGLES)}]){{2,}}")
+# Chat-template role markers (<|im_start|>, <|im_end|>): the generator's tokenizer reads them in message
+# text as the special tokens that open and close a turn, so a passage could start a system turn.
+_TEMPLATE_MARK = re.compile(r"[<\uff1c\ufe64](?=[|\uff5c])|(?<=[|\uff5c])[>\uff1e\ufe65]")
+# A passage header, "[2] (document: ...)", in any spacing, case and width.
+_HEADER = re.compile(f"[\\[\uff3b]({_GAP}\\d+{_GAP})[\\]\uff3d](?={_GAP}[(\uff08]{_GAP}documents?\\b)", re.IGNORECASE)
+
+
+def _look_alike(match: re.Match) -> str:
+    return "".join(_ANGLES.get(c, "") for c in match.group())
+
+
+def neutralise(text: str, *, inline: bool = False) -> str:
+    """Untrusted text made safe to put inside the prompt's delimiters: wrapper marks, template role markers
+    and passage headers become look-alikes the prompt never uses; everything else is kept as it is.
+    `inline`: the text sits inside the one-line "(document: ...)" of a header, so line breaks become
+    spaces and parentheses that would close it early become look-alikes."""
+    text = _WRAPPER_MARK.sub(_look_alike, text)
+    text = _TEMPLATE_MARK.sub(_look_alike, text)
+    text = _HEADER.sub(lambda m: f"\u27e6{m.group(1)}\u27e7", text)
+    if inline:
+        text = " ".join(text.split())
+        if not _balanced(text):
+            text = text.replace("(", "\u2768").replace(")", "\u2769")
+    return text
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for c in text:
+        depth += (c == "(") - (c == ")")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def render_passage(p: ContextPassage) -> str:
-    return f"[{p.number}] (document: {p.document_id})\n<<<\n{p.text.strip()}\n>>>"
+    return f"[{p.number}] (document: {neutralise(p.document_id, inline=True)})\n<<<\n{neutralise(p.text.strip())}\n>>>"
 
 
 def render_context(passages: Sequence[ContextPassage]) -> str:

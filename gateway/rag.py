@@ -15,6 +15,7 @@ from ragtune.v1 import common_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from gateway.attribution import attribute
 from gateway.downstream import CallBudget, Downstream
 from gateway.evidence import first_sentence_end
+from gateway.leak_guard import LeakGuard
 from gateway.prompting import (
     ABSTENTION,
     ANSWER_STOP,
@@ -265,10 +266,18 @@ class AskPipeline:
         )
         one_sentence = self._options.one_sentence and bool(passages) and self._short_answer(q, sampling)
         gen = _Generation(one_sentence=one_sentence)
+        guard = LeakGuard()  # the answer never repeats the system prompt
         async for event in self._generate(request, context_event, gen, budget):
+            if event.WhichOneof("event") == "delta":
+                text = guard.feed(event.delta)[0]
+                if not text:
+                    continue
+                event = gateway_pb2.AskStreamResponse(delta=text)
             yield event
+        if tail := guard.flush()[0]:
+            yield gateway_pb2.AskStreamResponse(delta=tail)
         generation_s = time.perf_counter() - gen.started
-        citations = self._citations(gen.text, q.question, passages) if passages else []
+        citations = self._citations(guard.text, q.question, passages) if passages else []
         yield gateway_pb2.AskStreamResponse(done=_done(
             citations, gen.final, started, retrieval_s, generation_s, gen.first_token_at or time.perf_counter()))
 
