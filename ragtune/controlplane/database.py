@@ -145,6 +145,14 @@ class Database:
         config.set_main_option("script_location", str(MIGRATIONS))
         config.attributes["connection"] = connection
         with connection, self._migration_lock(connection):
+            current = MigrationContext.configure(connection).get_current_revision()
+            connection.commit()
+            if current is not None and not _known_revision(config, current):
+                # A newer release migrated already (a rollout under way, or this pod's release rolled back).
+                # Migrations only add (expand/contract), so this release's code runs on the newer schema.
+                log.warning("control-plane schema at revision %s, newer than this release knows (head %s): serving"
+                            " on it without migrating (%s)", current, _head(config), self.display_url)
+                return current
             command.upgrade(config, "head")
             connection.commit()
             revision = MigrationContext.configure(connection).get_current_revision()
@@ -173,6 +181,22 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _known_revision(config, revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return ScriptDirectory.from_config(config).get_revision(revision) is not None
+    except CommandError:  # "Can't locate revision": written by a newer release
+        return False
+
+
+def _head(config) -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(config).get_current_head() or "none"
 
 
 def _sqlite_on_connect(dbapi_connection, _record) -> None:
