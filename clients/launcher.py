@@ -9,13 +9,15 @@ install) stops the suite, saying why.
 
 First run creates a local API key (tenant "demo", every scope): its hash goes in
 <RAGTUNE_HOME>/gateway/api-keys.json and the key itself in <RAGTUNE_HOME>/dev-api-key (mode 600),
-where the CLI finds it.
+where the CLI finds it. The internal services' token (RAGTUNE_INTERNAL_TOKEN, unless set already) is made
+once in <RAGTUNE_HOME>/internal-token (mode 600): the gateway sends it, the other services require it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -66,6 +68,21 @@ def ensure_dev_key(home: Path) -> Path:
     dev_key_path().write_text(key + "\n")
     os.chmod(dev_key_path(), 0o600)
     return keys_file
+
+
+def ensure_internal_token(home: Path) -> str:
+    """The local suite's internal token: made once (mode 600) in <RAGTUNE_HOME>/internal-token, then reused."""
+    path = home / "internal-token"
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    home.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return token
 
 
 def _port(service: LocalService) -> int:
@@ -119,6 +136,9 @@ class LocalSuite:
         keys_file = ensure_dev_key(self.home)
         env = {**os.environ, "RAGTUNE_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
                "RAGTUNE_GATEWAY_API_KEYS_FILE": str(keys_file)}
+        # The internal services accept only callers holding this token, even on loopback: another local user
+        # (or a browser page reaching 127.0.0.1) must not act for a tenant by naming it in the metadata.
+        env.setdefault("RAGTUNE_INTERNAL_TOKEN", ensure_internal_token(self.home))
         for s in SERVICES:
             env[f"{s.prefix}PORT"] = str(_port(s))
         env.setdefault("RAGTUNE_GATEWAY_RETRIEVER_ADDRESS", f"127.0.0.1:{_port(SERVICES[0])}")

@@ -195,11 +195,17 @@ class TrainerClient(ServiceClient):
 
 
 def service_config(client: type[ServiceClient], attempts: int, backoff_s: float) -> str:
-    """gRPC's service config for one channel: the client's safe methods retried on UNAVAILABLE."""
+    """gRPC's service config for one channel: replicas followed by their health, the client's safe methods
+    retried on UNAVAILABLE."""
     methods = client.retried_methods()
+    # Client-side health checking: each subchannel watches the replica's grpc.health.v1 status for this service
+    # (the readiness the host publishes: NOT_SERVING while warming up, draining, or with a dead engine), and
+    # round_robin skips the ones not SERVING, so a broken replica stops getting calls within a second or so
+    # instead of failing its share until Kubernetes' probes take it out of the Service.
+    health = {"healthCheckConfig": {"serviceName": client.service}}
     if attempts < 2 or not methods:
-        return json.dumps({"methodConfig": []})
-    return json.dumps({"methodConfig": [{
+        return json.dumps({**health, "methodConfig": []})
+    return json.dumps({**health, "methodConfig": [{
         "name": [{"service": client.service, "method": m} for m in methods],
         "retryPolicy": {
             "maxAttempts": min(attempts, MAX_RETRY_ATTEMPTS),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from ragtune.settings import ServiceSettings
@@ -78,6 +78,24 @@ class GatewaySettings(ServiceSettings):
         2.0, gt=0, le=300, description="How often each replica reloads API keys from the database: a revoked key is"
         " refused by every replica at most this long after RevokeApiKey."
     )
+    key_max_staleness_s: float = Field(
+        60.0, gt=0, description="How old a replica's view of the API keys may grow while it cannot reload them"
+        " (database unreachable, pool exhausted) before it refuses every key with UNAVAILABLE (HTTP 503) and"
+        " reports itself not ready. The trade-off: until then, requests keep being served on the last loaded"
+        " keys, so a key revoked meanwhile may still work that long; past it, an outage of the database becomes"
+        " an outage of the gateway. 60 s (30 refresh periods) rides out a PostgreSQL restart or failover;"
+        " lower it to bound revocation tighter. At least twice RAGTUNE_GATEWAY_KEY_REFRESH_S."
+    )
+
+    @field_validator("key_max_staleness_s")
+    @classmethod
+    def _staleness_outlasts_refreshes(cls, value: float, info: ValidationInfo) -> float:
+        # Below two periods, one slow reload would make every key refused between two good ones.
+        refresh = info.data.get("key_refresh_s")
+        if refresh is not None and value < 2 * refresh:
+            raise ValueError(f"must be at least twice RAGTUNE_GATEWAY_KEY_REFRESH_S ({refresh:g} s), so that one"
+                             " slow reload does not refuse every key")
+        return value
     evaluation_workers: int = Field(
         1, ge=0, le=16, description="Evaluations this replica runs at once (claimed from the database); 0 serves the"
         " evaluation RPCs but runs none."
@@ -85,6 +103,10 @@ class GatewaySettings(ServiceSettings):
     evaluation_lease_s: float = Field(
         30.0, ge=1, description="A replica's claim on a running evaluation lasts this long unless renewed; when it dies,"
         " another replica resumes the evaluation at most this long later."
+    )
+    evaluation_max_attempts: int = Field(
+        3, ge=1, le=100, description="Attempts an evaluation gets before it ends FAILED with its last error: a run"
+        " that raises, or whose replica dies or loses its lease, uses one; a replica shutting down gives its back."
     )
     poll_interval_s: float = Field(
         0.5, gt=0, le=60, description="How often idle evaluation workers look for work and watchers for changes."
@@ -100,4 +122,50 @@ class GatewaySettings(ServiceSettings):
     http_grace_s: float = Field(
         5.0, ge=0, le=300, description="On shutdown, how long the HTTP front lets requests in flight finish"
         " (streams included) after it stops accepting new ones."
+    )
+    # Quotas (gateway/quotas.py): the defaults of every tenant; `ragtune quotas set` (SetQuota) overrides them per
+    # tenant and per API key in the control plane. Generous, so nothing changes unless a quota is configured.
+    quota_requests_per_s: float = Field(
+        1000.0, ge=0, description="Default requests per second of a tenant (a token bucket; 0 refuses every call)."
+    )
+    quota_burst_s: float = Field(
+        2.0, gt=0, le=60, description="A requests-per-second bucket holds this many seconds of its rate (at least"
+        " one request): the burst a client may send after being idle."
+    )
+    quota_generated_tokens_per_min: int = Field(
+        1_000_000, ge=0, description="Default generated (completion) tokens per minute of a tenant; charged after"
+        " each answer, so a call is refused once the minute's tokens are spent, until they refill."
+    )
+    quota_concurrent_streams: int = Field(
+        256, ge=0, description="Default streams (AskStream, ChatStream, Watch*, streamed completions) a tenant may"
+        " hold open at once."
+    )
+    quota_queued_jobs: int = Field(
+        100, ge=0, description="Default fine-tuning jobs a tenant may have waiting or running (CreateJob beyond it"
+        " is RESOURCE_EXHAUSTED)."
+    )
+    quota_running_evaluations: int = Field(
+        16, ge=0, description="Default evaluations a tenant may have queued or running at once."
+    )
+    quota_stored_bytes: int = Field(
+        100 * 2**30, ge=0, description="Default bytes of datasets a tenant may store; an upload is refused once the"
+        " tenant's datasets reach it."
+    )
+    quota_refresh_s: float = Field(
+        5.0, gt=0, le=300, description="How often each replica reloads the quotas from the control plane (a change"
+        " made through another replica applies within this bound; through this one at once)."
+    )
+    quota_redis_url: SecretStr | None = Field(
+        None, description="redis://host:6379/0 to keep the quota counters (request buckets, token budgets, open"
+        " streams) in Redis, shared by every gateway replica; unset: in this process (one replica)."
+    )
+    generation_slots: int = Field(
+        32, ge=1, description="Generator calls this gateway runs at once; more wait in a queue served round-robin"
+        " between tenants. Near the generators' batch size (max_num_seqs x replicas / gateways) keeps one tenant's"
+        " flood from queueing ahead of another tenant inside the engine. Default: one generator's default"
+        " RAGTUNE_GENERATOR_MAX_NUM_SEQS (32)."
+    )
+    generation_per_tenant: int = Field(
+        0, ge=0, description="Generator calls one tenant may run at once (0: up to generation_slots); its further"
+        " calls wait their turn while other tenants' calls go ahead."
     )

@@ -50,8 +50,13 @@ class ServiceError(Exception):
             packed = any_pb2.Any()
             packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
             details.append(packed)
+        details.extend(self.extra_details())
         proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         return rpc_status.to_status(proto)
+
+    def extra_details(self) -> list[any_pb2.Any]:
+        """Rich status details a subclass adds (packed google.rpc messages)."""
+        return []
 
 
 class InvalidArgument(ServiceError):
@@ -92,6 +97,31 @@ class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@dataclass(frozen=True)
+class QuotaViolation:
+    subject: str  # "tenant:<tenant>" or "key:<key id>"
+    description: str  # names the limit, its value and what was used
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A tenant's or key's quota is used up: RESOURCE_EXHAUSTED with google.rpc.QuotaFailure naming the
+    subject and the limit, and google.rpc.RetryInfo saying when the quota allows the call again."""
+
+    def __init__(self, violations: tuple[QuotaViolation, ...] | list[QuotaViolation], retry_after_s: float):
+        self.quota_violations = tuple(violations)
+        message = "quota exceeded: " + "; ".join(f"{v.subject}: {v.description}" for v in self.quota_violations)
+        super().__init__(message, retry_after_s=retry_after_s)
+
+    def extra_details(self) -> list[any_pb2.Any]:
+        failure = error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+            for v in self.quota_violations
+        ])
+        packed = any_pb2.Any()
+        packed.Pack(failure)
+        return [packed]
+
+
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -117,3 +147,26 @@ def bad_request_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[
             found.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
     return found
 
+
+
+def quota_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[QuotaViolation]:
+    """Reads the google.rpc.QuotaFailure violations from a failed call (for clients and tests)."""
+    status = rpc_status.from_call(error)
+    found = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            found.extend(QuotaViolation(v.subject, v.description) for v in failure.violations)
+    return found
+
+
+def retry_delay_s(error: grpc.aio.AioRpcError | grpc.RpcError) -> float | None:
+    """The google.rpc.RetryInfo delay of a failed call in seconds, or None when it carries none."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None

@@ -3,14 +3,18 @@ and the generator reads.
 
 Each version folder holds PEFT's `adapter_config.json` with safetensors weights and a
 `ragtune.json` of metadata (base model, method, hyperparameters, dataset hash, metrics,
-created time). Versions are published atomically (written to a staging folder, then renamed),
-so a reader never sees a half-written adapter. Names are validated and every resolved path
-must stay inside the root (no `..`, no absolute paths, no symlinks leading out).
+created time, and `content_sha256`, a digest of the adapter's files). Versions are published
+atomically (written to a staging folder, then renamed), so a reader never sees a half-written
+adapter. A version number is never handed out twice, even after its version is deleted: it comes
+from the control plane's counter when the publisher has one, and never falls below the
+`.last_version` mark kept beside the versions. Names are validated and every resolved path must
+stay inside the root (no `..`, no absolute paths, no symlinks leading out).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +23,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 from ragtune.errors import InvalidArgument, NotFound
 from ragtune.naming import RESOURCE_NAME
@@ -27,7 +31,31 @@ from ragtune.naming import RESOURCE_NAME
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "ragtune.json"
+CONTENT_DIGEST = "content_sha256"  # the metadata key of the digest of a version's files
 _STAGING = ".staging"
+_LAST_VERSION = ".last_version"  # beside the version folders: the highest number ever handed out
+
+
+class VersionCounter(Protocol):
+    """Where version numbers come from (ragtune.controlplane.adapter_versions.AdapterVersionCounter)."""
+
+    def next(self, tenant: str, adapter: str, at_least: int = 0) -> int: ...
+
+
+def content_digest(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes, metadata file excepted: a version folder
+    whose weights changed gets another digest, so a server caching the old ones can tell."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative == METADATA_FILE:
+            continue
+        digest.update(relative.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -138,18 +166,38 @@ class AdapterRegistry:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def publish(self, tenant: str, name: str, source: Path, metadata: dict[str, Any]) -> AdapterVersion:
-        """Copies an adapter folder in as the next version of `name`, atomically."""
+    def _last_version(self, tenant: str, name: str) -> int:
+        try:
+            return int((self._name_dir(tenant, name) / _LAST_VERSION).read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _mark_last_version(self, tenant: str, name: str, version: int) -> None:
+        folder = self._name_dir(tenant, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        staged = folder / f"{_LAST_VERSION}.{os.getpid()}"
+        staged.write_text(str(version))
+        os.replace(staged, folder / _LAST_VERSION)
+
+    def publish(self, tenant: str, name: str, source: Path, metadata: dict[str, Any], *,
+                counter: VersionCounter | None = None) -> AdapterVersion:
+        """Copies an adapter folder in as a new version of `name`, atomically. The number comes from
+        `counter` (the control plane: unique across replicas) when given; without one (tools and
+        tests with no database) from the registry's own mark. Either way it is above every number
+        handed out before, deleted versions' included."""
         validate_name(name, "adapter_name")
         staging_root = self.root / _STAGING
         staging_root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=staging_root))
         try:
             shutil.copytree(source, staging, dirs_exist_ok=True)
+            digest = content_digest(staging)
             with self._lock(tenant):
-                version = (self.versions(tenant, name) or [0])[-1] + 1
+                floor = max([*self.versions(tenant, name), self._last_version(tenant, name), 0])
+                version = counter.next(tenant, name, floor) if counter is not None else floor + 1
+                self._mark_last_version(tenant, name, version)
                 final = self._name_dir(tenant, name) / str(version)
-                meta = {**metadata, "tenant": tenant, "name": name, "version": version}
+                meta = {**metadata, "tenant": tenant, "name": name, "version": version, CONTENT_DIGEST: digest}
                 (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(staging, final)

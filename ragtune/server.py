@@ -35,6 +35,7 @@ import errno
 import gc
 import hashlib
 import hmac
+import ipaddress
 import logging
 import signal
 import socket
@@ -50,7 +51,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import metrics
 
-from ragtune.errors import ServiceError, Unauthenticated, Unavailable
+from ragtune import access
+from ragtune.access import is_internal_service
+from ragtune.errors import PermissionDenied, ServiceError, Unauthenticated, Unavailable
+from ragtune.request_limits import RequestLimitInterceptor, largest_request_bytes
 from ragtune.settings import ServiceSettings, TLSSettings
 from ragtune.telemetry import configure_logging, configure_telemetry, server_interceptors
 from ragtune.tenancy import INTERNAL_TOKEN_METADATA_KEY
@@ -119,7 +123,8 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
+def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped (`wrap_unary` for unary responses, `wrap_stream` for streams)."""
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
@@ -206,12 +211,23 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             return wrapper
 
-        return _wrap_handler(handler, wrap_unary, wrap_stream)
+        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+def _refusal(status: grpc.Status) -> grpc.RpcMethodHandler:
+    """A handler that answers `status` without reading a request message, whatever the method's shape."""
+
+    async def deny(request_iterator, context):
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        yield  # pragma: no cover - makes this an async generator
+
+    return grpc.stream_stream_rpc_method_handler(deny)
 
 
 class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
-    """When RAGTUNE_INTERNAL_TOKEN is set, accepts calls only from holders of the token (the gateway).
-    Compares SHA-256 digests in constant time; health and reflection stay open."""
+    """On an internal service with RAGTUNE_INTERNAL_TOKEN set, accepts calls only from holders of the token
+    (the gateway, the trainer). Compares SHA-256 digests in constant time, on the metadata alone, so a call
+    without it is refused before its message is read; health and reflection stay open."""
 
     def __init__(self, token: str):
         self._digest = hashlib.sha256(token.encode()).digest()
@@ -222,12 +238,86 @@ class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
         given = dict(handler_call_details.invocation_metadata or ()).get(INTERNAL_TOKEN_METADATA_KEY, "")
         if hmac.compare_digest(hashlib.sha256(str(given).encode()).digest(), self._digest):
             return await continuation(handler_call_details)
-        status = Unauthenticated("this service accepts calls only from the ragtune gateway").to_status()
+        return _refusal(Unauthenticated("this service accepts calls only from the ragtune services").to_status())
 
-        async def deny(request, context):
-            await context.abort(status.code, status.details, status.trailing_metadata)
 
-        return grpc.unary_unary_rpc_method_handler(deny)
+class CallerIdentityInterceptor(grpc.aio.ServerInterceptor):
+    """With mutual TLS, accepts a call only when the client certificate's SAN names an identity the access
+    table lets call that method (ragtune/access.py): a certificate the CA signed for the generator cannot call
+    the trainer. The TLS handshake already proved the certificate; this decides what it may do."""
+
+    def __init__(self, service: str):
+        self._service = service
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(_EXEMPT_PREFIXES):
+            return handler
+        rule = access.rule_for(method)
+        allowed = rule.callers if rule is not None else frozenset()
+
+        async def check(context) -> None:
+            sans = (context.auth_context() or {}).get("x509_subject_alternative_name", ())
+            names = [s.decode() if isinstance(s, bytes) else str(s) for s in sans]
+            if not any(access.identity_of_san(n) in allowed for n in names):
+                who = ", ".join(names) or "no SAN"
+                status = PermissionDenied(
+                    f"{method} accepts calls from {sorted(i.value for i in allowed) or 'no service'};"
+                    f" the client certificate names {who}").to_status()
+                await context.abort(status.code, status.details, status.trailing_metadata)
+
+        def wrap_unary(behavior):
+            async def wrapper(request, context):
+                await check(context)
+                return await behavior(request, context)
+
+            return wrapper
+
+        def wrap_stream(behavior):
+            async def wrapper(request, context):
+                await check(context)
+                async for item in behavior(request, context):
+                    yield item
+
+            return wrapper
+
+        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+class InsecureInternalService(RuntimeError):
+    """An internal service would serve a non-loopback address to anyone: neither a token nor client certificates."""
+
+
+def internal_identity_interceptors(service_names: Sequence[str], settings: ServiceSettings,
+                                   tls: TLSSettings) -> list[Any]:
+    """How an internal service checks who calls it: the internal token, and with mutual TLS the certificate's SAN."""
+    interceptors: list[Any] = []
+    if settings.internal_token is not None:
+        interceptors.append(InternalTokenInterceptor(settings.internal_token.get_secret_value()))
+    if tls.client_ca_file is not None:
+        interceptors.append(CallerIdentityInterceptor(",".join(service_names)))
+    return interceptors
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the port on this machine (an empty host or 0.0.0.0 binds every address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_internal_exposure(settings: ServiceSettings, tls: TLSSettings, name: str) -> None:
+    """An internal service bound beyond loopback must verify its callers (token or client certificates):
+    otherwise anyone who reaches the port acts for any tenant by naming it in the metadata."""
+    if is_loopback(settings.host) or settings.internal_token is not None or tls.client_ca_file is not None:
+        return
+    raise InsecureInternalService(
+        f"refusing to serve the {name} on {settings.address} with no caller check: set RAGTUNE_INTERNAL_TOKEN"
+        " (the same value on the gateway) or RAGTUNE_TLS_CLIENT_CA_FILE (mutual TLS), or bind 127.0.0.1")
 
 
 class ReadinessInterceptor(grpc.aio.ServerInterceptor):
@@ -260,13 +350,13 @@ class ReadinessInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(status.code, status.details, status.trailing_metadata)
             yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
-        return _wrap_handler(handler, lambda _: refuse, lambda _: refuse_stream)
+        return wrap_handler(handler, lambda _: refuse, lambda _: refuse_stream)
 
 
 def server_options(host_settings: HostSettings, *, reuse_port: bool = False) -> list[tuple[str, Any]]:
     """The grpc.aio server options every ragtune server runs with."""
     options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_receive_message_length", largest_request_bytes()),  # per-method limits: ragtune/request_limits.py
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         # gRPC binds with SO_REUSEPORT by default: a second instance on a busy port would share it
         # (the kernel splitting connections between the two) and report SERVING.
@@ -317,9 +407,15 @@ class ServiceHost:
         self.host_settings = host_settings or HostSettings()
         self.tls = tls or TLSSettings()
         self.health = health.aio.HealthServicer()
-        interceptors: list[Any] = [*server_interceptors(), *extra_interceptors]
-        if settings.internal_token is not None:
-            interceptors.append(InternalTokenInterceptor(settings.internal_token.get_secret_value()))
+        # A service may bring its own (the gateway's access check on API keys), after tracing.
+        own = getattr(service, "interceptors", None)
+        interceptors: list[Any] = [*server_interceptors(), RequestLimitInterceptor(), *extra_interceptors,
+                                   *(own() if own else ())]
+        # Service identity is checked on internal services only: the gateway's public port authenticates API keys
+        # (gateway/authorization.py), and the token it holds to call the services must not lock its clients out.
+        self.internal = is_internal_service(service.service_names)
+        if self.internal:
+            interceptors.extend(internal_identity_interceptors(service.service_names, settings, self.tls))
         self.readiness = ReadinessInterceptor(name)
         interceptors.append(self.readiness)
         interceptors.append(ErrorMappingInterceptor(name))
@@ -381,6 +477,8 @@ class ServiceHost:
             self.server,
         )
         credentials = server_credentials(self.tls)  # TLSConfigError names the setting at fault
+        if self.internal:
+            check_internal_exposure(self.settings, self.tls, self.name)
         try:
             if credentials is None:
                 self.port = self.server.add_insecure_port(self.settings.address)
@@ -465,7 +563,7 @@ async def _serve(service_factory, settings: ServiceSettings, name: str) -> None:
     if start in done:
         try:
             start.result()  # raise a failed warm-up
-        except (PortInUse, TLSConfigError) as exc:
+        except (PortInUse, TLSConfigError, InsecureInternalService) as exc:
             # No stack trace: the message says what to do. A non-zero exit lets a supervisor see it.
             log.error("%s", exc)
             raise SystemExit(2) from None

@@ -104,10 +104,13 @@ def configure_telemetry(service: str) -> Telemetry:
 
 
 def server_interceptors() -> list:
-    """The OpenTelemetry interceptor that joins incoming W3C trace context and opens a server span."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    """The OpenTelemetry interceptor that joins incoming W3C trace context and opens a server span. Health checks
+    are left out: they are not work worth a span (probes and client-side health checking watch them all the time),
+    and the instrumentation iterates a streaming handler's result, which grpc's health servicer's `Watch` returns
+    as a coroutine, so instrumented it answered UNKNOWN to every client-side health watch."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-    return [aio_server_interceptor()]
+    return [aio_server_interceptor(filter_=filters.negate(filters.health_check()))]
 
 
 def client_interceptors() -> list:

@@ -5,20 +5,25 @@ has a certificate and key, and requires client certificates (mutual TLS) when it
 a process's outgoing gRPC channels use TLS when it has a CA file, presenting its client certificate
 when it has one. Nothing set = plaintext, as on one machine.
 
-Files are read when a server or channel starts (never at import), checked here so that a wrong
+Files are read when a server or channel starts (never at import) and again by servers when they change on
+disk (certificate rotation), checked here so that a wrong
 path or a key that does not match its certificate fails at start with a `TLSConfigError` naming the
 variable, instead of gRPC's opaque handshake failures later. Key material is never logged.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import grpc
 
 from ragtune.settings import TLSSettings
+
+log = logging.getLogger(__name__)
 
 
 class TLSConfigError(ValueError):
@@ -81,10 +86,8 @@ def _ca(settings: TLSSettings, field: str, names: dict[str, str] | None = None) 
     return _read_pem(_env(settings, field, names), path, "CA certificate", b"-----BEGIN CERTIFICATE-----")
 
 
-def server_credentials(settings: TLSSettings | None = None) -> grpc.ServerCredentials | None:
-    """What a gRPC server binds with: None (plaintext) unless a certificate and key are set; with
-    RAGTUNE_TLS_CLIENT_CA_FILE, clients must present a certificate that CA signed."""
-    settings = settings or TLSSettings()
+def _server_material(settings: TLSSettings) -> tuple[bytes, bytes, bytes | None] | None:
+    """(chain, key, client CA) the server serves with, checked; None for plaintext."""
     pair = _pair(settings, "cert_file", "key_file")
     client_ca = _ca(settings, "client_ca_file")
     if pair is None:
@@ -94,9 +97,84 @@ def server_credentials(settings: TLSSettings | None = None) -> grpc.ServerCreden
                 f" {_env(settings, 'cert_file')} and {_env(settings, 'key_file')} too"
             )
         return None
-    chain, key = pair
-    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return (*pair, client_ca)
+
+
+class FileWatch:
+    """Tells when any of some files changed (modification time, size, inode), looking at most every `period_s`:
+    certificates are rotated on disk (cert-manager rewrites the mounted Secret) under long-lived processes."""
+
+    def __init__(self, paths: Sequence[Path | None], period_s: float = 1.0):
+        self._paths = [Path(p) for p in paths if p is not None]
+        self._period = period_s
+        self._next = 0.0
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple:
+        marks = []
+        for path in self._paths:
+            try:
+                st = path.stat()
+                marks.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                marks.append(None)
+        return tuple(marks)
+
+    def changed(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self._period
+        signature = self._signature()
+        if signature == self._seen:
+            return False
+        self._seen = signature
+        return True
+
+
+def server_credentials(settings: TLSSettings | None = None) -> grpc.ServerCredentials | None:
+    """What a gRPC server binds with: None (plaintext) unless a certificate and key are set; with
+    RAGTUNE_TLS_CLIENT_CA_FILE, clients must present a certificate that CA signed. The files are looked at
+    again (at most once a second, before a new connection's handshake) and served anew when they change; a
+    rotation caught half-written, or one that no longer fits, keeps the previous certificate and is logged."""
+    settings = settings or TLSSettings()
+    material = _server_material(settings)
+    if material is None:
+        return None
+    chain, key, client_ca = material
+    watch = FileWatch([settings.cert_file, settings.key_file, settings.client_ca_file])
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        if not watch.changed():
+            return None
+        try:
+            fresh = _server_material(settings)
+        except TLSConfigError as exc:
+            log.warning("TLS files changed but cannot be served (keeping the previous certificate): %s", exc)
+            return None
+        if fresh is None:
+            return None
+        log.info("TLS certificate reloaded from %s", settings.cert_file)
+        new_chain, new_key, new_ca = fresh
+        return grpc.ssl_server_certificate_configuration([(new_key, new_chain)], root_certificates=new_ca)
+
+    initial = grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca)
+    return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=client_ca is not None)
+
+
+def reload_ssl_context(context: ssl.SSLContext, settings: TLSSettings) -> bool:
+    """Loads rotated files into a live SSLContext (the HTTP front's): new connections get them. False, and the
+    old certificate kept, when the new files do not fit."""
+    try:
+        _server_material(settings)
+        context.load_cert_chain(str(settings.cert_file), str(settings.key_file), password=_no_password)
+        if settings.client_ca_file is not None:
+            context.load_verify_locations(cafile=str(settings.client_ca_file))
+    except (TLSConfigError, ssl.SSLError, OSError) as exc:
+        log.warning("TLS files changed but cannot be served over HTTP (keeping the previous certificate): %s", exc)
+        return False
+    log.info("HTTP front's TLS certificate reloaded from %s", settings.cert_file)
+    return True
 
 
 def channel_credentials(settings: TLSSettings | None = None) -> grpc.ChannelCredentials | None:

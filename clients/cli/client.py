@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 import grpc
 
-from ragtune.errors import bad_request_violations
+from ragtune.errors import bad_request_violations, quota_violations, retry_delay_s
 from ragtune.settings import TLSSettings
 from ragtune.tls import client_credentials
 from ragtune.v1 import gateway_pb2_grpc
@@ -95,4 +95,9 @@ def describe_error(exc: grpc.RpcError) -> str:
     fields = bad_request_violations(exc)
     if fields:
         text += "\n" + "\n".join(f"  - {v.field}: {v.description}" for v in fields)
+    for quota in quota_violations(exc):
+        text += f"\n  - {quota.subject}: {quota.description}"
+    delay = retry_delay_s(exc)
+    if delay is not None:
+        text += f"\n  retry in {delay:.1f} s"
     return text

@@ -12,6 +12,7 @@ import grpc
 
 from clients.cli.client import DEFAULT_GATEWAY, GatewayClient, describe_error, resolve_api_key
 from clients.cli.operations import ask, ingest, iter_documents, upload_dataset, watch_job
+from clients.cli.quotas import add_quota_commands
 from ragtune.tls import TLSConfigError
 from ragtune.v1 import gateway_pb2, generator_pb2, trainer_pb2
 
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   " at start)")
     p.add_argument("--tenant", help="create --file: the key's tenant")
     p.set_defaults(func=_cmd_keys)
+
+    add_quota_commands(sub, _client)
     return parser
 
 

@@ -27,8 +27,10 @@ AnswerArm = Callable[[list[EvalItem], str, str, str], Awaitable[ArmResult]]
 
 async def _train(down: Downstream, ku: gateway_pb2.KnowledgeUpdateSpec, scratch: str,
                  budget: CallBudget) -> trainer_pb2.Job:
-    async def upload():
-        yield trainer_pb2.UploadDatasetRequest(name=scratch, content=ku.finetune_dataset)
+    async def upload():  # in 1 MiB messages: the trainer takes at most 2 MiB a message (ragtune/request_limits.py)
+        data, size = ku.finetune_dataset, 1 << 20
+        for start in range(0, max(len(data), 1), size):
+            yield trainer_pb2.UploadDatasetRequest(name=scratch if start == 0 else "", content=data[start:start + size])
 
     await down.trainer.upload_dataset(upload(), budget)
     job_spec = trainer_pb2.JobSpec(adapter_name=scratch, dataset=scratch, method=trainer_pb2.TRAINING_METHOD_LORA)

@@ -60,6 +60,11 @@ class EvaluationService:
             reply.report_markdown, reply.report_html, reply.results_json = texts
         return reply
 
+    async def spec(self, tenant: str, evaluation_id: str) -> gateway_pb2.EvaluationSpec:
+        """What the evaluation was created with (NOT_FOUND for another tenant's)."""
+        record = await asyncio.to_thread(self.store.get, evaluation_id, tenant)
+        return gateway_pb2.EvaluationSpec.FromString(record.spec)
+
     async def list(self, tenant: str) -> list[gateway_pb2.Evaluation]:
         return [self._message(r) for r in await asyncio.to_thread(self.store.list, tenant)]
 

@@ -2,9 +2,13 @@
 holds each under a lease it renews, and runs it, saving every answered question as it finishes; a
 replacement resumes from those saved results without asking them again.
 
-Stops differ by cause: a client's cancel ends the evaluation CANCELLED (with a partial report); a
-shutdown hands it back at once (lease released) for another replica; a lost lease or an
-unreachable database leaves it alone (the lease runs out and someone claims it again)."""
+Stops differ by cause: a client's cancel ends the evaluation CANCELLED (with a partial report)
+within a heartbeat, and no answer is saved once it is asked for; a shutdown hands it back at once
+(lease released) for another replica; a lost lease or an unreachable database leaves it alone (the
+lease runs out and someone claims it again). A run that raises is tried again a little later; after
+RAGTUNE_GATEWAY_EVALUATION_MAX_ATTEMPTS attempts (crashed replicas included) it ends FAILED with the
+last error. A promotion gate's evaluation first checks that its gate_run is that job's own gate
+(gateway/evaluation/promotion.py) and ends FAILED, changing nothing, when it is not."""
 
 from __future__ import annotations
 
@@ -15,14 +19,17 @@ import socket
 import time
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from ragtune.controlplane import evaluations as states
 from ragtune.controlplane.database import DatabaseUnavailable
-from ragtune.controlplane.evaluations import EvaluationRecord, EvaluationStore, LeaseLost
+from ragtune.controlplane.evaluations import CancelRequested, EvaluationRecord, EvaluationStore, LeaseLost
+from ragtune.errors import InvalidArgument
 from ragtune.gate_metrics import gate_metric_name
 from ragtune.v1 import gateway_pb2
 from gateway.downstream import Downstream
 from gateway.evaluation import convert, gate, knowledge_update
-from gateway.evaluation.promotion import Promotion
+from gateway.evaluation.promotion import GateNotReady, GateRefused, Promotion
 from gateway.evaluation.recommend import recommend
 from gateway.evaluation.report import write_report
 from gateway.evaluation.results import ArmResult, EvalItem, EvalRun
@@ -34,15 +41,20 @@ from gateway.rag import AskPipeline
 log = logging.getLogger(__name__)
 
 CANCEL, SHUTDOWN, LEASE_LOST = "cancel", "shutdown", "lease lost"
+# How long one attempt waits for a gate's job to be recorded EVALUATING. The trainer does so right
+# after queueing the gate; if it died in between, another trainer takes the job over once its lease
+# (30 s by default) runs out. Past this the attempt fails and is tried again later.
+GATE_READY_WAIT_S = 300.0
 
 
 class EvaluationWorker:
     def __init__(self, store: EvaluationStore, pipeline: AskPipeline, downstream: Downstream, artifact_root: Path,
                  promotion: Promotion, *, slots: int, lease_s: float, poll_interval_s: float,
-                 worker_id: str | None = None):
+                 max_attempts: int = 3, worker_id: str | None = None):
         self.store, self.pipeline, self.down, self.artifacts = store, pipeline, downstream, artifact_root
         self.promotion = promotion
         self.slots, self.lease_s, self.poll_s = slots, lease_s, poll_interval_s
+        self.max_attempts = max_attempts
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task] = []
@@ -78,9 +90,19 @@ class EvaluationWorker:
                     pass
                 self._wake.clear()
                 continue
-            await self._supervise(record)
+            try:
+                await self._supervise(record)
+            except Exception:  # noqa: BLE001 - one evaluation's fault must not stop this slot for good
+                log.exception("evaluation %s: unexpected fault while running it", record.id)
 
     async def _supervise(self, record: EvaluationRecord) -> None:
+        if record.cancel_requested:  # cancelled while no replica ran it (its last one died)
+            await self._conclude(record, states.CANCELLED, "")
+            return
+        if record.attempts > self.max_attempts:  # the last attempts' replicas died or lost the lease
+            last = record.error or "its replica stopped without finishing (the lease ran out)"
+            await self._conclude(record, states.FAILED, f"gave up after {self.max_attempts} attempts; the last: {last}")
+            return
         reason: list[str] = []
         task = asyncio.create_task(self._run(record, reason), name=f"evaluation-{record.id}")
         self._runs[record.id] = (task, reason)
@@ -93,8 +115,10 @@ class EvaluationWorker:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 raise
-        except Exception:  # noqa: BLE001 - logged inside the run; the worker keeps serving
-            pass
+        except (LeaseLost, DatabaseUnavailable):
+            log.warning("evaluation %s stopped here: lease lost or database unavailable", record.id)
+        except Exception as exc:  # noqa: BLE001 - this evaluation's attempt failed; the worker keeps serving
+            await self._attempt_failed(record, exc)
         finally:
             heartbeat.cancel()
             self._runs.pop(record.id, None)
@@ -111,15 +135,68 @@ class EvaluationWorker:
             if not status.held:
                 reason.append(LEASE_LOST)
                 task.cancel()
-            elif status.cancel_requested:
+                return
+            if status.cancel_requested:
                 reason.append(CANCEL)
                 task.cancel()
+                return  # once: a second cancel would interrupt the partial report and the final state
+
+    async def _attempt_failed(self, record: EvaluationRecord, exc: Exception) -> None:
+        error = describe(exc)
+        if record.attempts >= self.max_attempts:
+            log.error("evaluation %s failed on attempt %d of %d: %s; giving up", record.id, record.attempts,
+                      self.max_attempts, error, exc_info=exc)
+            await self._conclude(record, states.FAILED, f"failed {record.attempts} times; the last error: {error}")
+            return
+        retry_after_s = min(self.lease_s, 2.0 ** (record.attempts - 1))
+        log.warning("evaluation %s failed on attempt %d of %d: %s; trying again in %.0f s", record.id,
+                    record.attempts, self.max_attempts, error, retry_after_s, exc_info=exc)
+        try:
+            await asyncio.to_thread(self.store.attempt_failed, record.id, self.worker_id, error, retry_after_s)
+        except DatabaseUnavailable:
+            pass  # the lease runs out instead; the attempt is counted all the same
+
+    async def _conclude(self, record: EvaluationRecord, state: str, error: str, *, gate_job: bool = True) -> None:
+        """Ends an evaluation that will not run (again): a gate's job gets the held-back verdict (if
+        its gate_run is that job's own and gate_job), then the record its final state."""
+        snapshot = convert.evaluation_message(record, self.artifacts)
+        try:
+            spec = gateway_pb2.EvaluationSpec.FromString(record.spec)
+        except DecodeError:
+            spec = None
+        if gate_job and spec is not None and spec.HasField("gate_run"):
+            try:
+                await asyncio.to_thread(self.promotion.apply, record.tenant, record.id, spec,
+                                        gate.failed(spec.gate_run, error or state, record.id))
+            except GateRefused:
+                pass  # not that job's gate: its job is left as it is
+            except Exception:  # noqa: BLE001 - the evaluation ends regardless; the job's state is logged
+                log.exception("evaluation %s: could not record the held-back verdict on job %s", record.id,
+                              spec.gate_run.job_id)
+        if state == states.FAILED:
+            log.warning("evaluation %s ends FAILED: %s", record.id, error)
+        try:
+            await asyncio.to_thread(self.store.finish, record.id, state, convert.snapshot_dict(snapshot), error,
+                                    self.worker_id)
+        except DatabaseUnavailable:
+            log.warning("evaluation %s: database unavailable while ending it %s; the next claim decides again",
+                        record.id, state)
 
     # -- one evaluation ----------------------------------------------------------------------------
 
     async def _run(self, record: EvaluationRecord, reason: list[str]) -> None:
-        spec = gateway_pb2.EvaluationSpec.FromString(record.spec)
-        items, arm_names = validate_spec(spec)
+        try:
+            spec = gateway_pb2.EvaluationSpec.FromString(record.spec)
+            items, arm_names = validate_spec(spec)
+        except (DecodeError, InvalidArgument) as exc:  # it would fail the same way on every attempt
+            await self._conclude(record, states.FAILED, f"its spec cannot be run: {describe(exc)}")
+            return
+        if spec.HasField("gate_run"):
+            try:
+                await self._gate_ready(record, spec)
+            except GateRefused as refused:  # not a single question is asked for a forged gate
+                await self._conclude(record, states.FAILED, refused.message, gate_job=False)
+                return
         snapshot = convert.evaluation_message(record, self.artifacts)
         run = EvalRun(
             id=record.id, collection=spec.collection, adapter=spec.adapter, top_k=spec.top_k or 4,
@@ -148,6 +225,8 @@ class EvaluationWorker:
                 raise
             asyncio.current_task().uncancel()  # cancelled on purpose: go on to write the partial report
             final = states.CANCELLED
+        except CancelRequested:  # seen when saving an answer, before the heartbeat saw it
+            final = states.CANCELLED
         except (LeaseLost, DatabaseUnavailable):
             log.warning("evaluation %s stopped here: lease lost or database unavailable", record.id)
             return
@@ -163,9 +242,32 @@ class EvaluationWorker:
         if spec.HasField("gate_run"):
             verdict = self._verdict(record, spec, run) if final == states.SUCCEEDED else \
                 gate.failed(spec.gate_run, error or final, record.id)
-            await asyncio.to_thread(self.promotion.apply, record.tenant, spec.gate_run, verdict)
+            try:
+                await asyncio.to_thread(self.promotion.apply, record.tenant, record.id, spec, verdict)
+            except GateRefused as refused:  # the job moved on or changed since the check: nothing moved
+                final, error = states.FAILED, refused.message
+                snapshot.recommended_arm = ""
+                snapshot.reasons[:] = [refused.message]
         await asyncio.to_thread(self.store.finish, record.id, final, convert.snapshot_dict(snapshot), error,
                                 self.worker_id)
+
+    async def _gate_ready(self, record: EvaluationRecord, spec: gateway_pb2.EvaluationSpec) -> None:
+        """Returns once the gate_run is its job's own gate and the job waits on it; GateRefused if it
+        is not; GateNotReady (this attempt fails) if the job is still not EVALUATING after the wait."""
+        deadline = time.monotonic() + GATE_READY_WAIT_S
+        said = False
+        while True:
+            try:
+                await asyncio.to_thread(self.promotion.check, record.tenant, record.id, spec)
+                return
+            except GateNotReady as waiting:
+                if time.monotonic() >= deadline:
+                    raise
+                if not said:  # once, so a watcher sees why nothing moves
+                    await asyncio.to_thread(self.store.update_snapshot, record.id, self.worker_id, record.snapshot,
+                                            event=("waiting", {"reason": waiting.message}))
+                    said = True
+            await asyncio.sleep(self.poll_s)
 
     @staticmethod
     def _verdict(record, spec, run: EvalRun) -> gate.Verdict:
@@ -194,8 +296,14 @@ class EvaluationWorker:
             arm.summary = summarize_arm(arm.questions)
             snapshot.answers_done = sum(len(a.questions) for a in run.arms)
             convert.fill_snapshot(snapshot, run)
-            await asyncio.to_thread(self.store.save_result, record.id, self.worker_id, arm.name, index,
-                                    convert.result_dict(result), convert.snapshot_dict(snapshot))
+            try:
+                await asyncio.to_thread(self.store.save_result, record.id, self.worker_id, arm.name, index,
+                                        convert.result_dict(result), convert.snapshot_dict(snapshot))
+            except CancelRequested:
+                arm.questions.pop()  # not saved: the partial report shows what the record holds
+                arm.summary = summarize_arm(arm.questions)
+                snapshot.answers_done -= 1
+                raise
         errors = [q.error for q in arm.questions if q.error]
         if arm.questions and len(errors) == len(arm.questions):
             arm.failed, arm.error = True, errors[0]

@@ -8,11 +8,17 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway.authorization import StreamRecheck, authorize
 from gateway.http import chat_completions, completions, embeddings, files, fine_tuning, models
 from gateway.http.context import FrontState
 from gateway.http.errors import HttpError, error_response
+from gateway.http.limits import BodyLimitMiddleware
+from gateway.http.sse import error_event
+from ragtune.access import HTTP_ROUTES
+from ragtune.errors import ServiceError
 
 _tracer = trace.get_tracer("ragtune.gateway.http")
 
@@ -53,16 +59,52 @@ async def _not_routed(request: Request, exc: HTTPException):
     return error_response(HttpError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind))
 
 
-def _answering(endpoint):
-    """Every error of a route becomes OpenAI's error JSON here, with the status of the one mapping."""
+def _answering(endpoint, method: str, path: str):
+    """The route's access check (its rule in ragtune/access.py: key, scope, admission) before the body is read;
+    every error becomes OpenAI's error JSON here, with the status of the one mapping."""
+    rule = HTTP_ROUTES.get((method, path))
+
     async def answer(request: Request):
+        release = None
         try:
-            return await endpoint(request)
+            front: FrontState = request.app.state.front
+            principal = authorize(front.keys, rule, f"{method} {path}", request.headers.items())
+            release = await front.admission.admit(principal, rule)
+            request.state.principal = principal
+            response = await endpoint(request)
         except Exception as exc:  # noqa: BLE001 - unexpected ones become a 500 with a reference, logged
+            if release is not None:
+                release()
             return error_response(exc)
+        recheck = StreamRecheck(lambda: authorize(front.keys, rule, f"{method} {path}", request.headers.items()))
+        return _released_when_sent(response, release, recheck)
 
     answer.__name__ = endpoint.__name__
     return answer
+
+
+def _released_when_sent(response: Response, release, recheck: StreamRecheck) -> Response:
+    """A streamed response holds its admission (a concurrent stream) until its last event is sent, and ends
+    early, with an error event, when its key is revoked meanwhile."""
+    if not isinstance(response, StreamingResponse):
+        release()
+        return response
+    body = response.body_iterator
+
+    async def releasing():
+        try:
+            async for chunk in body:
+                try:
+                    recheck()
+                except ServiceError as error:
+                    yield error_event(error)
+                    return
+                yield chunk
+        finally:
+            release()
+
+    response.body_iterator = releasing()
+    return response
 
 
 def build_app(front: FrontState) -> Starlette:
@@ -80,8 +122,10 @@ def build_app(front: FrontState) -> Starlette:
         ("/v1/fine_tuning/jobs/{job_id}/events", fine_tuning.list_events, ["GET"]),
         ("/v1/fine_tuning/jobs/{job_id}/checkpoints", fine_tuning.list_checkpoints, ["GET"]),
     )
-    routes = [Route(path, _answering(endpoint), methods=methods) for path, endpoint, methods in table]
+    routes = [Route(path, _answering(endpoint, method, path), methods=[method])
+              for path, endpoint, methods in table for method in methods]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _not_routed})
     app.state.front = front
+    app.add_middleware(BodyLimitMiddleware)  # per-route body caps, inside tracing so a 413 is traced too
     app.add_middleware(TracingMiddleware)
     return app

@@ -11,7 +11,6 @@ from google.protobuf import json_format
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.auth import Scope
 from gateway.http.context import FrontState, check_fields, flag, json_body, number, string
 from gateway.http.sampling import FINISH, SAMPLING_FIELDS, chat_logprobs, sampling_params, usage
 from gateway.http.sse import event, stream_response
@@ -100,7 +99,7 @@ async def conversation(state: FrontState, body: dict[str, Any], budget) -> gatew
 
 async def chat_completions(request: Request) -> Response:
     state: FrontState = request.app.state.front
-    budget = state.authorize(request, Scope.READ)
+    budget = state.authorize(request)
     body = await json_body(request)
     c = await conversation(state, body, budget)
     ident, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body["model"]

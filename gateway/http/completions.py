@@ -9,7 +9,6 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.auth import Scope
 from gateway.http.context import FrontState, check_fields, flag, json_body
 from gateway.http.sampling import FINISH, SAMPLING_FIELDS, completion_logprobs, sampling_params, usage
 from gateway.http.sse import event, stream_response
@@ -41,7 +40,7 @@ def _check_unsupported(body: dict[str, Any]) -> None:
 
 async def completions(request: Request) -> Response:
     state: FrontState = request.app.state.front
-    budget = state.authorize(request, Scope.READ)
+    budget = state.authorize(request)
     body = await json_body(request)
     check_fields(body, KNOWN, UNSUPPORTED)
     _check_unsupported(body)

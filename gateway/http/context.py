@@ -11,6 +11,7 @@ from typing import Any
 from starlette.requests import Request
 
 from gateway.auth import KeyRing, Scope
+from gateway.authorization import AdmitAll
 from gateway.downstream import CallBudget, Downstream
 from gateway.settings import GatewaySettings
 from ragtune.errors import InvalidArgument
@@ -28,13 +29,15 @@ class FrontState:
     keys: KeyRing
     downstream: Downstream
     chat: Any  # the gateway's chat pipeline: chat(conversation, budget), stream(conversation, budget)
+    admission: Any = field(default_factory=AdmitAll)  # quotas and fair share (gateway/authorization.py)
     base_model: str = ""  # cached from the generator's GetModelInfo
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def authorize(self, request: Request, *scopes: Scope) -> CallBudget:
-        """The same check the gRPC servicer makes: `Authorization: Bearer <key>` (or `x-api-key`)."""
-        principal = self.keys.authenticate(request.headers.items())
-        for scope in scopes:
+    def authorize(self, request: Request, *more_scopes: Scope) -> CallBudget:
+        """The call's budget for the principal the route's access check admitted (gateway/http/app.py, from the
+        table in ragtune/access.py); `more_scopes` are what this request's content needs besides."""
+        principal = request.state.principal
+        for scope in more_scopes:
             principal.require(scope)
         default = self.settings.default_timeout_s
         remaining = default
@@ -67,11 +70,15 @@ class FrontState:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object. Its size is already capped by the route (gateway/http/limits.py), which refuses
+    it with 413 while it arrives; what is left to refuse here is what does not parse."""
     raw = await request.body()
     try:
         body = json.loads(raw or b"null")
     except ValueError as exc:
         raise InvalidArgument("body", f"is not valid JSON ({exc})") from None
+    except RecursionError:  # a few KiB of "[[[[..." exhaust the parser's stack: a 400, not a 500
+        raise InvalidArgument("body", "is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidArgument("body", "must be a JSON object")
     return body

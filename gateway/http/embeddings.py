@@ -8,7 +8,6 @@ import struct
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.auth import Scope
 from gateway.http.context import FrontState, check_fields, json_body, number, string
 from ragtune.errors import InvalidArgument
 from ragtune.v1 import retriever_pb2
@@ -18,7 +17,7 @@ KNOWN = {"input", "model", "encoding_format", "dimensions", "user"}
 
 async def embeddings(request: Request) -> Response:
     state: FrontState = request.app.state.front
-    budget = state.authorize(request, Scope.READ)
+    budget = state.authorize(request)
     body = await json_body(request)
     check_fields(body, KNOWN)
     texts = body.get("input")

@@ -4,6 +4,7 @@ that matches the gRPC status the gateway would have answered with (the one mappi
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 
 import grpc
@@ -70,7 +71,8 @@ def describe(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     if isinstance(exc, ServiceError):
         code, message, violations = exc.code, exc.message, list(exc.violations)
         if exc.retry_after_s is not None:
-            headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
+            # Whole seconds, rounded up: a client that waits what it is told must find the quota refilled.
+            headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif isinstance(exc, grpc.aio.AioRpcError):
         code, message, violations = exc.code(), exc.details() or exc.code().name, bad_request_violations(exc)
     else:

@@ -11,7 +11,6 @@ from google.protobuf import json_format
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.auth import Scope
 from gateway.http.context import FrontState, check_fields, json_body, number, string
 from ragtune.errors import InvalidArgument
 from ragtune.v1 import trainer_pb2 as pb
@@ -156,7 +155,8 @@ def _page(request: Request, items: list[dict]) -> dict[str, Any]:
 
 async def create_job(request: Request) -> Response:
     state: FrontState = request.app.state.front
-    budget = state.authorize(request, Scope.TRAIN)
+    budget = state.authorize(request)
+    await state.admission.check_records(request.state.principal, "queued_jobs")
     job_request = await _spec(state, await json_body(request), budget)
     down = state.downstream
     reply = await down.trainer.create_job(job_request, budget)
@@ -165,7 +165,7 @@ async def create_job(request: Request) -> Response:
 
 async def list_jobs(request: Request) -> Response:
     state: FrontState = request.app.state.front
-    budget = state.authorize(request, Scope.READ)
+    budget = state.authorize(request)
     down = state.downstream
     reply, base = await asyncio.gather(
         down.trainer.list_jobs(pb.ListJobsRequest(), budget),
@@ -182,14 +182,14 @@ async def _get(state: FrontState, request: Request, budget) -> pb.Job:
 
 async def get_job(request: Request) -> Response:
     state: FrontState = request.app.state.front
-    budget = state.authorize(request, Scope.READ)
+    budget = state.authorize(request)
     job = await _get(state, request, budget)
     return JSONResponse(job_json(job, await state.base_model_name(budget), budget.tenant))
 
 
 async def cancel_job(request: Request) -> Response:
     state: FrontState = request.app.state.front
-    budget = state.authorize(request, Scope.TRAIN)
+    budget = state.authorize(request)
     down = state.downstream
     reply = await down.trainer.cancel_job(pb.CancelJobRequest(id=_job_id(request)), budget)
     return JSONResponse(job_json(reply.job, await state.base_model_name(budget), budget.tenant))
@@ -225,7 +225,7 @@ def _event_json(job_id: str, e: pb.JobEvent) -> dict[str, Any]:
 
 async def list_events(request: Request) -> Response:
     state: FrontState = request.app.state.front
-    budget = state.authorize(request, Scope.READ)
+    budget = state.authorize(request)
     job = await _get(state, request, budget)
     down = state.downstream
     events = []
@@ -247,7 +247,7 @@ async def list_checkpoints(request: Request) -> Response:
     """The servable adapter a finished job wrote (intermediate training checkpoints are resume points
     for the trainer, not models, so they are not listed)."""
     state: FrontState = request.app.state.front
-    budget = state.authorize(request, Scope.READ)
+    budget = state.authorize(request)
     job = await _get(state, request, budget)
     items = []
     model = fine_tuned_model(job)

@@ -8,7 +8,6 @@ import asyncio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.auth import Scope
 from gateway.http.context import FrontState
 from gateway.http.errors import HttpError
 from ragtune.v1 import trainer_pb2
@@ -19,7 +18,7 @@ def _model(ident: str, created: int, owner: str, **extra) -> dict:
 
 
 async def _all(state: FrontState, request: Request) -> list[dict]:
-    budget = state.authorize(request, Scope.READ)
+    budget = state.authorize(request)
     down = state.downstream
     base, adapters = await asyncio.gather(
         state.base_model_name(budget),

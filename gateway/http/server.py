@@ -15,6 +15,8 @@ import uvicorn
 from gateway.http.app import build_app
 from gateway.http.context import FrontState
 from ragtune.server import PortInUse
+from ragtune.settings import TLSSettings
+from ragtune.tls import FileWatch, reload_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class HttpFront:
-    def __init__(self, state: FrontState, ssl_options: dict | None = None):
+    def __init__(self, state: FrontState, ssl_options: dict | None = None, tls: TLSSettings | None = None):
+        """`tls`: the settings `ssl_options` came from, so rotated certificate files are served anew."""
         s = state.settings
         self._host, self._wanted_port, self._grace = s.host, s.http_port, s.http_grace_s
         self._config = uvicorn.Config(
@@ -56,6 +59,8 @@ class HttpFront:
         )
         self._server = _EmbeddedServer(self._config)
         self._task: asyncio.Task | None = None
+        self._reloader: asyncio.Task | None = None
+        self._tls = tls if ssl_options else None
         self.port: int | None = None
         self.scheme = "https" if ssl_options else "http"
 
@@ -69,9 +74,23 @@ class HttpFront:
                 raise RuntimeError("the gateway's HTTP API stopped while starting")
             await asyncio.sleep(0.01)
         log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", self.scheme, self._host, self.port)
+        if self._tls is not None and self._config.ssl is not None:
+            self._reloader = asyncio.create_task(self._reload_certificates(), name="gateway-http-tls-reload")
         return self.port
 
+    async def _reload_certificates(self) -> None:
+        """Serves rotated certificate files to new connections (uvicorn reads them once, at start)."""
+        watch = FileWatch([self._tls.cert_file, self._tls.key_file, self._tls.client_ca_file])
+        while True:
+            await asyncio.sleep(1.0)
+            if watch.changed():
+                reload_ssl_context(self._config.ssl, self._tls)
+
     async def stop(self) -> None:
+        if self._reloader is not None:
+            self._reloader.cancel()
+            await asyncio.gather(self._reloader, return_exceptions=True)
+            self._reloader = None
         if self._task is None:
             return
         self._server.should_exit = True

@@ -17,14 +17,19 @@ def event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
+def error_event(exc: BaseException) -> bytes:
+    """An error once the stream started: one event in OpenAI's error shape."""
+    _, body, _ = describe(exc)
+    return event(body)
+
+
 def stream_response(events: AsyncIterator[bytes]) -> StreamingResponse:
     async def guarded() -> AsyncIterator[bytes]:
         try:
             async for chunk in events:
                 yield chunk
         except Exception as exc:  # noqa: BLE001 - the client gets OpenAI's error shape, not a cut stream
-            _, body, _ = describe(exc)
-            yield event(body)
+            yield error_event(exc)
             return
         yield DONE
 

@@ -3,7 +3,11 @@ heartbeat), with per-question results saved as they finish so a replacement resu
 
 The store keeps the spec as the bytes the API received and the snapshot (progress, summaries,
 verdict) as a JSON object: it does not know their schema (the gateway converts). The state and
-error columns are authoritative; the snapshot carries neither."""
+error columns are authoritative; the snapshot carries neither.
+
+`attempts` counts the claims that did not end in a hand-back: a run that raised, a replica that
+died or lost its lease. A graceful hand-back (shutdown) gives its attempt back, so rolling
+restarts never use up an evaluation's attempts; the worker ends it FAILED past its maximum."""
 
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 UNFINISHED_STATES = (QUEUED, RUNNING)
 
 
+def gate_evaluation_id(job_id: str) -> str:
+    """The id of the evaluation a job's promotion gate waits on (one per job, whoever opens it)."""
+    return f"gate-{job_id}"
+
+
 def report_path(tenant: str, evaluation_id: str) -> str:
     """Where an evaluation's report lives, relative to the artifact root."""
     return f"evaluations/{tenant}/{evaluation_id}"
@@ -33,6 +42,10 @@ def report_path(tenant: str, evaluation_id: str) -> str:
 
 class LeaseLost(Exception):
     """This worker no longer holds the evaluation: another replica runs it now."""
+
+
+class CancelRequested(Exception):
+    """A client cancelled the evaluation: nothing more is saved, its worker ends it CANCELLED."""
 
 
 @dataclass(frozen=True)
@@ -135,8 +148,24 @@ class EvaluationStore:
             return leases.renew(c, evaluations, evaluation_id, UNFINISHED_STATES, worker, lease_s)
 
     def release(self, evaluation_id: str, worker: str) -> None:
+        """Hands the evaluation back (a shutdown): not a failed attempt, so its claim is not counted."""
         with self.db.transaction() as c:
+            c.execute(update(evaluations).where(evaluations.c.id == evaluation_id, evaluations.c.worker_id == worker,
+                                                evaluations.c.attempts > 0)
+                      .values(attempts=evaluations.c.attempts - 1))
             leases.release(c, evaluations, evaluation_id, worker)
+
+    def attempt_failed(self, evaluation_id: str, worker: str, error: str, retry_after_s: float) -> bool:
+        """Records why this attempt failed and hands the evaluation back, claimable again after
+        retry_after_s (the attempt stays counted). False if `worker` no longer held it."""
+        with self.db.transaction() as c:
+            moved = c.execute(update(evaluations).where(*self._held(evaluation_id, worker)).values(
+                error=error, worker_id=None, lease_expires=time.time() + retry_after_s,
+                revision=evaluations.c.revision + 1, update_time=time.time())).rowcount == 1
+            if moved:
+                attempt = c.execute(select(evaluations.c.attempts).where(evaluations.c.id == evaluation_id)).scalar()
+                self._event(c, evaluation_id, "attempt_failed", {"attempt": attempt, "error": error})
+        return moved
 
     def results(self, evaluation_id: str) -> dict[tuple[str, int], dict[str, Any]]:
         """Per-question results saved so far, by (arm, item index)."""
@@ -147,12 +176,16 @@ class EvaluationStore:
     def save_result(self, evaluation_id: str, worker: str, arm: str, item_index: int, result: dict[str, Any],
                     snapshot: dict[str, Any]) -> None:
         """Saves one answered question with the snapshot that counts it, only while `worker` holds the
-        evaluation (raises LeaseLost otherwise). A result already saved is kept, not doubled."""
+        evaluation (raises LeaseLost otherwise) and no cancel was requested (raises CancelRequested:
+        once a client cancels, no answer is added). A result already saved is kept, not doubled."""
         with self.db.transaction() as c:
-            moved = c.execute(update(evaluations).where(*self._held(evaluation_id, worker)).values(
+            moved = c.execute(update(evaluations).where(
+                *self._held(evaluation_id, worker), evaluations.c.cancel_requested.is_(False)).values(
                 snapshot=snapshot, revision=evaluations.c.revision + 1, update_time=time.time())).rowcount
             if not moved:
-                raise LeaseLost(evaluation_id)
+                cancelled = c.execute(select(evaluations.c.cancel_requested).where(
+                    *self._held(evaluation_id, worker))).scalar()
+                raise CancelRequested(evaluation_id) if cancelled else LeaseLost(evaluation_id)
             exists = c.execute(select(evaluation_results.c.arm).where(
                 evaluation_results.c.evaluation_id == evaluation_id, evaluation_results.c.arm == arm,
                 evaluation_results.c.item_index == item_index)).first()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -180,4 +181,32 @@ adapter_alias_events = Table(
     Column("from_targets", JSON, nullable=True),
     Column("to_targets", JSON, nullable=True),
     Index("ix_adapter_alias_events_alias", "tenant", "adapter", "alias", "id"),
+)
+
+# The last version number handed out per adapter: a version is never handed out twice, even after
+# the newest one is deleted, so a (tenant, name, version) always names the same weights.
+adapter_version_counters = Table(
+    "adapter_version_counters",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("adapter", String(64), primary_key=True),
+    Column("last_version", Integer, nullable=False),
+    Column("update_time", Float, nullable=False),
+)
+
+# Quota limits (ragtune/controlplane/quotas.py): one row per tenant (key_id "") and per API key that overrides
+# it; a NULL limit means the default (the tenant's for a key, the gateway's settings for a tenant).
+quotas = Table(
+    "quotas",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("key_id", String(64), primary_key=True),
+    Column("requests_per_s", Float, nullable=True),
+    Column("generated_tokens_per_min", BigInteger, nullable=True),
+    Column("concurrent_streams", Integer, nullable=True),
+    Column("queued_jobs", Integer, nullable=True),
+    Column("running_evaluations", Integer, nullable=True),
+    Column("stored_bytes", BigInteger, nullable=True),
+    Column("update_time", Float, nullable=False),
+    Column("updated_by", String(128), nullable=False, default=""),
 )

@@ -18,6 +18,7 @@ from services.generator.domain import Chunk, Sampling
 from services.generator.engine import GenerationEngine
 from services.generator.prompts import PromptRenderer
 from services.generator.sampling import parse_sampling
+from services.generator.vllm_params import tenant_cache_salt
 
 
 class GenerationStream:
@@ -34,8 +35,10 @@ class GenerationStream:
         prompt_ids: list[int],
         sampling: Sampling,
         adapter: CatalogEntry | None,
+        cache_salt: str | None = None,
     ):
         self._generator = generator
+        self.cache_salt = cache_salt  # the tenant's: no prefix-cache blocks shared across tenants
         self.request_id = request_id
         self._prompt_ids = prompt_ids
         self.sampling = sampling
@@ -61,7 +64,8 @@ class GenerationStream:
         engine = self._generator.engine
         lora = self.adapter.handle if self.adapter else None
         try:
-            async for chunk in engine.generate(self.request_id, self._prompt_ids, self.sampling, lora):
+            async for chunk in engine.generate(self.request_id, self._prompt_ids, self.sampling, lora,
+                                               cache_salt=self.cache_salt):
                 self.completion_tokens += chunk.tokens
                 if chunk.finish_reason is not None:
                     self.finish_reasons[chunk.index] = chunk.finish_reason
@@ -187,7 +191,8 @@ class Generator:
         except BaseException:
             self.in_flight -= slots
             raise
-        return GenerationStream(self, uuid.uuid4().hex, rendered.token_ids, sampling, adapter)
+        return GenerationStream(self, uuid.uuid4().hex, rendered.token_ids, sampling, adapter,
+                                cache_salt=tenant_cache_salt(tenant))
 
     async def release(self, stream: GenerationStream) -> None:
         self.in_flight -= stream.slots

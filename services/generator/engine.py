@@ -51,7 +51,8 @@ class GenerationEngine(Protocol):
     def seconds_since_progress(self) -> float: ...
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, lora: LoraHandle | None
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, lora: LoraHandle | None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[Chunk]: ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -181,11 +182,12 @@ class VllmEngine:
         return cls(llm, max_model_len, recorder)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, lora: LoraHandle | None
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, lora: LoraHandle | None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[Chunk]:
         from vllm.lora.request import LoRARequest
 
-        from services.generator.vllm_params import chunks_of, engine_rejection, vllm_sampling_params
+        from services.generator.vllm_params import chunks_of, engine_prompt, engine_rejection, vllm_sampling_params
 
         try:
             params = vllm_sampling_params(sampling)
@@ -200,7 +202,7 @@ class VllmEngine:
         if self.errored:
             raise Unavailable(ENGINE_DEAD)
         stream = self._llm.generate(
-            {"prompt_token_ids": prompt_token_ids}, params, request_id, lora_request=lora_request
+            engine_prompt(prompt_token_ids, cache_salt), params, request_id, lora_request=lora_request
         )
         started = False
         # aclosing: leaving early (cancellation, client gone) closes vLLM's generator, which aborts the request.

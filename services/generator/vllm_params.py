@@ -9,6 +9,20 @@ from services.generator.domain import TokenLogprob, TopLogprob
 from services.generator.domain import Chunk, Sampling
 
 
+def tenant_cache_salt(tenant: str) -> str:
+    """The prefix-cache salt of a tenant's requests. vLLM reuses cached KV blocks only between requests with the
+    same salt, so one tenant can never hit (and time) blocks another tenant's prompt left in the cache."""
+    return "tenant:" + tenant
+
+
+def engine_prompt(prompt_token_ids: list[int], cache_salt: str | None) -> dict:
+    """vLLM's TokensPrompt for one request, salted where a salt is given."""
+    prompt: dict = {"prompt_token_ids": prompt_token_ids}
+    if cache_salt is not None:
+        prompt["cache_salt"] = cache_salt
+    return prompt
+
+
 def vllm_sampling_params(sampling: Sampling):
     """vLLM's parameters for one request, streaming deltas (RequestOutputKind.DELTA)."""
     from vllm import SamplingParams

@@ -20,7 +20,7 @@ from ragtune.controlplane import Database
 from ragtune.controlplane import jobs as states
 from ragtune.controlplane.aliases import AliasStore
 from ragtune.controlplane.datasets import DatasetRecords
-from ragtune.controlplane.evaluations import EvaluationStore, report_path
+from ragtune.controlplane.evaluations import EvaluationStore, gate_evaluation_id, report_path
 from ragtune.controlplane.jobs import EventRecord, JobRecord, JobStore, new_job_id
 from ragtune.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ragtune.models import base_model_dir
@@ -283,7 +283,8 @@ class TrainerCore:
         questions = sum(1 for line in gate.eval_set.splitlines() if line.strip())
         record = self.evaluations.create(
             job.tenant, self.gate_spec(job.id, spec.adapter_name, version, incumbent, asdict(gate)),
-            {"questions": questions, "answers_total": 2 * questions}, report_path, evaluation_id=f"gate-{job.id}")
+            {"questions": questions, "answers_total": 2 * questions}, report_path,
+            evaluation_id=gate_evaluation_id(job.id))
         return record.id
 
 

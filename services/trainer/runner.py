@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ragtune.controlplane import jobs as states
+from ragtune.controlplane.adapter_versions import AdapterVersionCounter
 from ragtune.controlplane.database import DatabaseUnavailable
 from ragtune.controlplane.jobs import JobRecord, JobStore
 from ragtune.models import BASE_MODEL_NAME
@@ -66,6 +67,9 @@ class JobRunner:
     def __init__(self, store: JobStore, registry: AdapterRegistry, *, work_root: Path, model_dir: Path,
                  min_examples: int, open_gate=None):
         self.store, self.registry = store, registry
+        # Version numbers come from the control plane, so no two replicas (or a delete and a new
+        # publish) ever give one number to two different adapters.
+        self.version_counter = AdapterVersionCounter(store.db)
         self.work_root, self.model_dir, self.min_examples = work_root, model_dir, min_examples
         # (job, spec, new version) -> the id of the promotion gate's evaluation, queued for a gateway
         self.open_gate = open_gate
@@ -245,6 +249,6 @@ class JobRunner:
             metadata["artifact"] = "selective_layers: materialize a full model with services.trainer.selective"
         if spec.method == "prompt_tuning":
             metadata["num_virtual_tokens"] = hp.num_virtual_tokens
-        version = self.registry.publish(job.tenant, spec.adapter_name, output, metadata)
+        version = self.registry.publish(job.tenant, spec.adapter_name, output, metadata, counter=self.version_counter)
         self.store.record(job.id, "final_metrics", metrics)
         self._published_done(job, spec, lease, version, metrics)
