@@ -16,7 +16,10 @@
 #
 # Refresh a base image: `docker buildx imagetools inspect IMAGE:TAG` and put the index digest here.
 ARG PYTHON_IMAGE=docker.io/library/python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
-ARG CUDA_IMAGE=docker.io/nvidia/cuda:12.9.1-base-ubuntu22.04@sha256:59436e8ac61921052d8f420be8b8cb8b117f1d7cc643397a289e37aaa0b83ea1
+# The CUDA base matches the CUDA of the locked wheels (torch/vllm cu13: nvidia-cuda-runtime 13.0 in
+# docker/locks/venv-*-gpu.txt), so the driver requirement the image declares (NVIDIA_REQUIRE_CUDA,
+# checked by the container toolkit at start) is the one the wheels have: R580 or newer.
+ARG CUDA_IMAGE=docker.io/nvidia/cuda:13.0.3-base-ubuntu22.04@sha256:73ab6dfb3814a5097cd456736e70650ef9dc72343be4117d0400de78168760fe
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 # ---- gRPC stubs, generated from protos/ (git-ignored, so never taken from the context)
@@ -54,7 +57,7 @@ ARG TORCH_INDEX
 RUN python -m venv /opt/venv
 
 FROM venv-cpu AS venv-gateway
-ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings sqlalchemy alembic psycopg psycopg-binary transformers matplotlib starlette uvicorn python-multipart"
+ARG PACKAGES="grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation-grpc pydantic-settings sqlalchemy alembic psycopg psycopg-binary transformers matplotlib starlette uvicorn python-multipart redis"
 COPY docker/locks/venv-gateway.txt /tmp/lock.txt
 RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: -r /tmp/lock.txt
 

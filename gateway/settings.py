@@ -120,7 +120,7 @@ class GatewaySettings(ServiceSettings):
         " bound on the same host as the gRPC port; 0 picks a free port (tests), -1 disables the HTTP front."
     )
     http_grace_s: float = Field(
-        5.0, ge=0, le=300, description="On shutdown, how long the HTTP front lets requests in flight finish"
+        5.0, ge=0, le=3600, description="On shutdown, how long the HTTP front lets requests in flight finish"
         " (streams included) after it stops accepting new ones."
     )
     # Quotas (gateway/quotas.py): the defaults of every tenant; `ragtune quotas set` (SetQuota) overrides them per

@@ -29,7 +29,11 @@ K8S_DIR = REPO_ROOT / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S_DIR / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 # The Kubernetes release the manifests target; kubernetes-validate bundles its schemas.
 K8S_VERSION = "1.34.0"
-WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+# Kinds that live outside any namespace.
+CLUSTER_SCOPED_KINDS = {"Namespace", "PriorityClass"}
+# Workloads that run to completion (the release's migration, backups): no Service, no probes.
+BATCH_KINDS = {"Job", "CronJob"}
 # Images built elsewhere, each with the tag form that pins one release of it; every other image
 # needs a Dockerfile in the repo.
 RELEASE_TAG = r"v?\d+\.\d+\.\d+"
@@ -40,14 +44,16 @@ THIRD_PARTY_IMAGES = {
     "docker.io/otel/opentelemetry-collector-contrib": RELEASE_TAG,
     # PostgreSQL numbers its releases major.minor; the suffix pins the Debian base too.
     "docker.io/library/postgres": r"\d+\.\d+-bookworm",
+    # The quota counters (k8s/base/redis.yaml): major.minor, and the Debian base.
+    "docker.io/library/redis": r"\d+\.\d+-bookworm",
 }
 # Variables ragtune containers may set that no ragtune settings class reads: the OpenTelemetry
 # SDK's and Hugging Face's offline switches. Not VLLM_CPU_KVCACHE_SPACE: the generator overwrites
 # it from RAGTUNE_GENERATOR_KV_CACHE_SPACE_GIB, so setting it would do nothing.
-# K8S_POD_NAME only feeds OTEL_RESOURCE_ATTRIBUTES ($(K8S_POD_NAME)).
+# K8S_POD_NAME and K8S_NAMESPACE only feed OTEL_RESOURCE_ATTRIBUTES ($(K8S_POD_NAME), ...).
 THIRD_PARTY_ENV = {
     "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_SERVICE_NAME",
-    "OTEL_METRIC_EXPORT_INTERVAL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "K8S_POD_NAME",
+    "OTEL_METRIC_EXPORT_INTERVAL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "K8S_POD_NAME", "K8S_NAMESPACE",
 }
 # Variables the manifests set for a setting another part of the code base has still to read, with
 # what it needs (none pending now).
@@ -71,6 +77,10 @@ GPU_SERVICES = {"generator", "trainer"}
 # The services that keep state in the control-plane database, and the one shared artifact volume.
 DATABASE_CLIENTS = {"trainer", "gateway", "generator"}
 MIGRATE_COMMAND = ["python", "-m", "ragtune.controlplane", "migrate"]
+# app.kubernetes.io/name of the release's migration Job (k8s/base/migrate.yaml) and of the nightly
+# pg_dump CronJob (k8s/base/postgres-backup.yaml).
+MIGRATION_JOB = "ragtune-migrate"
+DATABASE_BACKUP = "postgres-backup"
 ARTIFACTS_CLAIM = "ragtune-artifacts"
 
 
@@ -99,13 +109,19 @@ def operator_secrets() -> dict[str, str]:
     }
 
 
+# The files components/cloudnative-pg reads its object store's credentials from (git-ignored).
+CNPG_SECRET_FILES = ("backup-s3-access-key-id", "backup-s3-secret-access-key")
+
+
 @cache
 def _k8s_with_operator_secrets() -> Path:
-    """A copy of k8s/ with the gpu overlay's secret files written, as a deploy job would."""
+    """A copy of k8s/ with the gpu overlay's and the components' secret files written, as a deploy job would."""
     root = Path(tempfile.mkdtemp(prefix="ragtune-k8s-")) / "k8s"
     shutil.copytree(K8S_DIR, root)
     for name, value in operator_secrets().items():
         (root / "overlays" / "gpu" / "secrets" / name).write_text(value)
+    for name in CNPG_SECRET_FILES:
+        (root / "components" / "cloudnative-pg" / "secrets" / name).write_text(secrets.token_urlsafe(24))
     return root
 
 
@@ -159,12 +175,29 @@ def workloads(docs: list[dict]) -> list[dict]:
     return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
 
 
+def pod_template(workload: dict) -> dict:
+    spec = workload["spec"]
+    if workload["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return spec["template"]
+
+
 def pod_spec(workload: dict) -> dict:
-    return workload["spec"]["template"]["spec"]
+    return pod_template(workload)["spec"]
 
 
 def pod_labels(workload: dict) -> dict:
-    return workload["spec"]["template"]["metadata"].get("labels", {})
+    return pod_template(workload)["metadata"].get("labels", {})
+
+
+def serving_workloads(docs: list[dict]) -> list[dict]:
+    """The workloads that serve (Deployments, StatefulSets, DaemonSets): not the Jobs and CronJobs."""
+    return [w for w in workloads(docs) if w["kind"] not in BATCH_KINDS]
+
+
+def migration_jobs(docs: list[dict]) -> list[dict]:
+    """The Jobs that migrate the control-plane schema (k8s/base/migrate.yaml)."""
+    return [w for w in workloads(docs) if w["kind"] == "Job" and pod_labels(w).get("app.kubernetes.io/name") == MIGRATION_JOB]
 
 
 def all_containers(spec: dict) -> list[dict]:
@@ -221,10 +254,11 @@ def image_service(image: str) -> str:
     return image_name(image).removeprefix(RAGTUNE_REGISTRY).removesuffix("-gpu")
 
 
-def ragtune_containers(docs: list[dict], init: bool = False):
-    """(workload, container, service) for every container running a ragtune image; with `init`,
-    the init containers too (they run the same image, so the same settings class)."""
-    for w in workloads(docs):
+def ragtune_containers(docs: list[dict], init: bool = False, batch: bool = False):
+    """(workload, container, service) for every container of a serving workload running a ragtune
+    image; with `init`, the init containers too (they run the same image, so the same settings class);
+    with `batch`, the Jobs' and CronJobs' containers too (the migration Job runs the gateway's image)."""
+    for w in workloads(docs) if batch else serving_workloads(docs):
         for c in all_containers(pod_spec(w)) if init else pod_spec(w)["containers"]:
             if is_ragtune_image(c["image"]):
                 yield w, c, image_service(c["image"])
@@ -271,7 +305,7 @@ def selector_problems(docs: list[dict]) -> list[str]:
     for name, pdb in by_kind(docs, "PodDisruptionBudget").items():
         if not selected(docs, pdb["spec"]["selector"]):
             problems.append(f"PDB {name}: selector matches no pod template")
-    for w in workloads(docs):
+    for w in serving_workloads(docs):
         if not selects(w["spec"]["selector"], pod_labels(w)):
             problems.append(f"{w['kind']} {w['metadata']['name']}: selector does not match its own pod template")
     return problems
@@ -284,9 +318,14 @@ def reference_problems(docs: list[dict]) -> list[str]:
     # cert-manager writes each Certificate's Secret (kubernetes.io/tls: tls.crt, tls.key, ca.crt).
     for cert in certificates(docs).values():
         existing["Secret"].setdefault(cert["spec"]["secretName"], {"data": dict.fromkeys(TLS_SECRET_KEYS, "")})
+    # CloudNativePG writes each Cluster's application Secret, <cluster>-app.
+    for cluster in cnpg_objects(docs, "Cluster").values():
+        existing["Secret"].setdefault(f"{cluster['metadata']['name']}-app", {"data": dict.fromkeys(CNPG_APP_SECRET_KEYS, "")})
 
-    def need(kind: str, name: str, key: str | None, where: str) -> None:
+    def need(kind: str, name: str, key: str | None, where: str, optional: bool = False) -> None:
         obj = existing[kind].get(name)
+        if obj is None and optional:
+            return  # the pod starts without it (e.g. credentials a workload identity may replace)
         if obj is None:
             problems.append(f"{where}: {kind} {name} does not exist")
         elif key is not None and key not in {**obj.get("data", {}), **obj.get("stringData", {})}:
@@ -309,22 +348,21 @@ def reference_problems(docs: list[dict]) -> list[str]:
                     problems.append(f"{where}/{c['name']}: mounts undeclared volume {m['name']}")
             for source in c.get("envFrom", []):
                 if "configMapRef" in source:
-                    need("ConfigMap", source["configMapRef"]["name"], None, where)
+                    need("ConfigMap", source["configMapRef"]["name"], None, where, source["configMapRef"].get("optional", False))
                 if "secretRef" in source:
-                    need("Secret", source["secretRef"]["name"], None, where)
+                    need("Secret", source["secretRef"]["name"], None, where, source["secretRef"].get("optional", False))
             for var in c.get("env", []):
                 ref = var.get("valueFrom", {})
-                if "configMapKeyRef" in ref:
-                    need("ConfigMap", ref["configMapKeyRef"]["name"], ref["configMapKeyRef"]["key"], where)
-                if "secretKeyRef" in ref:
-                    need("Secret", ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"], where)
+                for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                    if field in ref:
+                        need(kind, ref[field]["name"], ref[field]["key"], where, ref[field].get("optional", False))
     return problems
 
 
 def probe_problems(docs: list[dict]) -> list[str]:
     problems = []
     served = proto_services()
-    for w in workloads(docs):
+    for w in serving_workloads(docs):
         for c in pod_spec(w)["containers"]:
             ports = {p["containerPort"] for p in c.get("ports", [])} | {p.get("name") for p in c.get("ports", [])}
             where = f"{w['metadata']['name']}/{c['name']}"
@@ -483,7 +521,7 @@ def env_problems(docs: list[dict]) -> list[str]:
     server host every service runs on) reads. Third-party containers (Weaviate, PostgreSQL, the
     collector) are not ragtune settings."""
     problems = []
-    for w, c, service in ragtune_containers(docs, init=True):
+    for w, c, service in ragtune_containers(docs, init=True, batch=True):
         read = settings_env_names(settings_class(service)) | host_settings_env_names()
         read |= set(PENDING_SETTINGS.get(service, {}))
         for var in env_of(docs, c):
@@ -586,3 +624,44 @@ def tls_problems(docs: list[dict]) -> list[str]:
                 d["metadata"]["name"] for d in docs if d["kind"] == "Issuer"}:
             problems.append(f"Certificate {cert['metadata']['name']}: Issuer {issuer['name']} does not exist")
     return problems
+
+
+# --- CloudNativePG (k8s/components/cloudnative-pg) ------------------------------------------------
+
+CNPG_API = "postgresql.cnpg.io/"
+# What the operator writes into <cluster>-app for the Cluster's owner.
+CNPG_APP_SECRET_KEYS = ("username", "password", "host", "port", "dbname", "uri", "jdbc-uri", "pgpass")
+
+
+def cnpg_objects(docs: list[dict], kind: str) -> dict[str, dict]:
+    """CloudNativePG objects of one kind (Cluster, Pooler, ScheduledBackup) by name."""
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind and d["apiVersion"].startswith(CNPG_API)}
+
+
+def cnpg_pods(docs: list[dict]) -> list[dict]:
+    """The pods the operator runs for each Cluster (its instances: PostgreSQL 5432, status 8000) and
+    each Pooler (PgBouncer 5432), as workloads with the labels the operator gives them, so the
+    NetworkPolicy checks can see them."""
+    pods = []
+    for name, cluster in cnpg_objects(docs, "Cluster").items():
+        labels = {**cluster["spec"].get("inheritedMetadata", {}).get("labels", {}), "cnpg.io/cluster": name}
+        pods.append(_operator_workload(f"{name}-instances", labels, (5432, 8000)))
+    for name, pooler in cnpg_objects(docs, "Pooler").items():
+        labels = {**pooler["spec"].get("template", {}).get("metadata", {}).get("labels", {}), "cnpg.io/poolerName": name}
+        pods.append(_operator_workload(name, labels, (5432,)))
+    return pods
+
+
+def _operator_workload(name: str, labels: dict, ports: tuple[int, ...]) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+                "containers": [{"name": "operator-managed", "image": "operator-managed",
+                                "ports": [{"containerPort": p} for p in ports]}]}}}}
+
+
+def cnpg_service_names(docs: list[dict]) -> set[str]:
+    """The Services the operator creates: <cluster>-rw/-ro/-r and one per Pooler (its name)."""
+    names = set(cnpg_objects(docs, "Pooler"))
+    for cluster in cnpg_objects(docs, "Cluster"):
+        names |= {f"{cluster}-rw", f"{cluster}-ro", f"{cluster}-r"}
+    return names

@@ -43,6 +43,28 @@ def test_service_settings_load_from_the_manifest_env(overlay, monkeypatch):
         assert settings.grace_period_s < pod_spec(w)["terminationGracePeriodSeconds"], w["metadata"]["name"]
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_internal_services_as_rendered_check_their_callers(overlay, monkeypatch):
+    """Each internal service, configured as rendered, passes the start-up check that refuses an exposed port
+    with no caller check; the gateway, as rendered, installs no service-identity check on its public port."""
+    from ragtune.access import is_internal_service
+    from ragtune.server import check_internal_exposure, internal_identity_interceptors
+    from ragtune.settings import TLSSettings
+
+    docs = render(overlay)
+    names = {"retriever": "ragtune.v1.RetrieverService", "generator": "ragtune.v1.GeneratorService",
+             "trainer": "ragtune.v1.TrainerService", "gateway": "ragtune.v1.GatewayService"}
+    for w, c, service in ragtune_containers(docs):
+        settings = manifest_settings(docs, c, service, monkeypatch)
+        internal = is_internal_service([names[service]])
+        assert internal == (service != "gateway")
+        if internal:
+            check_internal_exposure(settings, TLSSettings(), service)
+            assert internal_identity_interceptors([names[service]], settings, TLSSettings()), service
+        else:
+            assert settings.internal_token is not None  # sent to the services, never asked of its own clients
+
+
 def test_sample_api_keys_secret_loads_in_the_gateway():
     """The placeholder Secret is one the gateway accepts (its bootstrap import into the database),
     mounted where RAGTUNE_GATEWAY_API_KEYS_FILE points."""
@@ -147,3 +169,23 @@ def test_weaviate_cluster_settings_agree_with_replicas(overlay):
     assert by_kind(docs, "Service")["weaviate-headless"]["spec"]["clusterIP"] == "None"
     if overlay == "gpu":
         assert replicas >= 3 and int(env["REPLICATION_MINIMUM_FACTOR"]) >= 2
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_replicas_share_their_quota_counters(overlay, monkeypatch):
+    """Every gateway replica counts quotas in the one Redis the manifests bring (else each would count alone and
+    a tenant would get replicas x its limit), and only the gateways may reach it."""
+    docs = render(overlay)
+    services = by_kind(docs, "Service")
+    redis = by_kind(docs, "Deployment")["redis"]
+    port = pod_spec(redis)["containers"][0]["ports"][0]["containerPort"]
+    for w, c, service in ragtune_containers(docs):
+        settings = manifest_settings(docs, c, service, monkeypatch)
+        if service == "gateway":
+            url = settings.quota_redis_url.get_secret_value()
+            host, _, tail = url.removeprefix("redis://").partition(":")
+            assert host in services and int(tail.split("/")[0]) == port == services[host]["spec"]["ports"][0]["port"]
+    policy = by_kind(docs, "NetworkPolicy")["redis-from-gateway"]
+    sources = [p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for rule in policy["spec"]["ingress"]
+               for p in rule["from"]]
+    assert sources == ["gateway"]

@@ -20,6 +20,7 @@ import pytest
 
 from tests.grpc_support import REPO_ROOT
 from tests.k8s_support import (
+    BATCH_KINDS,
     GPU_SERVICES,
     OVERLAYS,
     RAGTUNE_REGISTRY,
@@ -195,6 +196,8 @@ def test_every_image_serves_its_service():
                     assert re.fullmatch(THIRD_PARTY_IMAGES[name], tag), f"{c['image']}: pin a release"
                     continue
                 assert is_ragtune_image(c["image"]) and name in images, f"{overlay}: {name} is built by no target"
+                if w["kind"] in BATCH_KINDS:  # the migration Job runs its own command: no port, no health
+                    continue
                 target, service = images[name], image_service(c["image"])
                 entry = commands_of(target, "ENTRYPOINT")[0].value
                 assert list(entry) == ["python", "-m", SERVICES[service][1]], target
@@ -335,6 +338,30 @@ def test_gpu_locks_carry_the_cuda_builds():
     assert generator["vllm"] == "0.32.0" and generator["torch"].startswith("2.")
     assert trainer["torch"] == lock_pins()["torch"].removesuffix("+cpu")
     assert any(name.startswith("nvidia-") for name in generator) and any(name.startswith("nvidia-") for name in trainer)
+
+
+def wheels_cuda(stage: str) -> str:
+    """major.minor of the CUDA runtime a GPU stage's locked wheels carry (nvidia-cuda-runtime, named
+    nvidia-cuda-runtime-cuNN before CUDA 13), the one torch and vllm were built against."""
+    lock = lock_of(stage)
+    runtime = next(name for name in lock if re.fullmatch(r"nvidia-cuda-runtime(-cu\d+)?", name))
+    major, minor = lock[runtime].split(".")[:2]
+    return f"{major}.{minor}"
+
+
+def test_gpu_base_image_has_the_cuda_of_the_wheels():
+    """The CUDA base declares the driver the wheels need (the container toolkit checks
+    NVIDIA_REQUIRE_CUDA of the base at start): its CUDA is the wheels' major.minor, and every
+    nvidia-*-cuNN library wheel names that major (cutlass's DSL ships a library for each CUDA major
+    beside each other and loads the one that matches)."""
+    tag = global_args()["CUDA_IMAGE"].split(":", 1)[1].split("@")[0]
+    base = re.match(r"(\d+\.\d+)\.\d+-", tag).group(1)
+    for stage in ("venv-generator-gpu", "venv-trainer-gpu"):
+        assert wheels_cuda(stage) == base, f"{stage}: wheels for CUDA {wheels_cuda(stage)} on a CUDA {base} base"
+        majors = {m for name in lock_of(stage) if not name.startswith("nvidia-cutlass-dsl-libs-")
+                  for m in re.findall(r"^nvidia-.*-cu(\d+)$", name)}
+        assert majors == {base.split(".")[0]}, (stage, majors)
+    assert f"cuda:{tag}" in (REPO_ROOT / "k8s" / "README.md").read_text() or base in (REPO_ROOT / "k8s" / "README.md").read_text()
 
 
 # --- images carry what their service imports ---------------------------------------------------

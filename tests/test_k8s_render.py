@@ -12,6 +12,7 @@ import pytest
 
 from tests.k8s_support import (
     ARTIFACTS_CLAIM,
+    CLUSTER_SCOPED_KINDS,
     K8S_VERSION,
     OVERLAYS,
     allowed_ingress_sources,
@@ -51,7 +52,8 @@ def test_overlay_renders_and_validates_strictly(overlay):
     expected |= {("StatefulSet", "postgres"), ("Service", "postgres")}
     expected |= {("PersistentVolumeClaim", ARTIFACTS_CLAIM), ("Namespace", "ragtune")}
     assert expected <= names
-    assert {d["metadata"].get("namespace", "ragtune") for d in docs if d["kind"] != "Namespace"} == {"ragtune"}
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] not in CLUSTER_SCOPED_KINDS} == {"ragtune"}
+    assert not [d for d in docs if d["kind"] in CLUSTER_SCOPED_KINDS and "namespace" in d["metadata"]]
 
 
 # --- cross-references ------------------------------------------------------------------------

@@ -5,8 +5,16 @@ probes ask readiness and liveness the questions the server answers (README: the 
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import yaml
+
+from tests.grpc_support import REPO_ROOT
 
 from tests.k8s_support import (
     K8S_DIR,
@@ -64,10 +72,46 @@ def test_collector_serves_metrics_for_prometheus(overlay):
     assert port in {p["port"] for p in by_kind(docs, "Service")["otel-collector"]["spec"]["ports"]}
     for w, c, service in ragtune_containers(docs):
         env = env_of(docs, c)
-        assert env["OTEL_RESOURCE_ATTRIBUTES"] == "k8s.pod.name=$(K8S_POD_NAME)", service
-        names = [v["name"] for v in c["env"]]
-        assert names.index("K8S_POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES"), service  # $(...) needs it first
+        assert downward_resource_attributes(c) == {
+            "k8s.pod.name": "metadata.name", "k8s.namespace.name": "metadata.namespace"}, service
         assert int(env["OTEL_METRIC_EXPORT_INTERVAL"]) <= 15000, service
+
+
+def downward_resource_attributes(container: dict) -> dict[str, str]:
+    """OTEL_RESOURCE_ATTRIBUTES of the container as attribute -> the pod field it comes from; each
+    $(VAR) must be a variable defined before it (Kubernetes expands only those) from the downward API."""
+    env = container["env"]
+    position = {v["name"]: i for i, v in enumerate(env)}
+    value = env[position["OTEL_RESOURCE_ATTRIBUTES"]]["value"]
+    fields = {}
+    for pair in value.split(","):
+        key, ref = pair.split("=", 1)
+        var = re.fullmatch(r"\$\((\w+)\)", ref).group(1)
+        assert position[var] < position["OTEL_RESOURCE_ATTRIBUTES"], f"{var} is defined after its use"
+        fields[key] = env[position[var]]["valueFrom"]["fieldRef"]["fieldPath"]
+    return fields
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_collector_sends_traces_to_a_backend_and_keeps_the_debug_log(overlay):
+    """The traces pipeline exports over OTLP to an endpoint the collector's environment sets (a
+    ConfigMap an overlay replaces), queued and retried so a slow backend never blocks the services, and
+    keeps the debug exporter for a cluster without a backend."""
+    docs = render(overlay)
+    config = collector_config(docs)
+    exporters = config["service"]["pipelines"]["traces"]["exporters"]
+    assert "debug" in exporters
+    (otlp,) = [e for e in exporters if e.split("/")[0] == "otlp"]
+    exporter = config["exporters"][otlp]
+    collector = pod_spec(by_kind(docs, "Deployment")["otel-collector"])["containers"][0]
+    env = env_of(docs, collector)
+    for value in (exporter["endpoint"], exporter["tls"]["insecure"]):
+        variable = re.fullmatch(r"\$\{env:(\w+)\}", str(value)).group(1)
+        assert env.get(variable), f"the collector's environment does not set {variable}"
+    host, port = env[re.fullmatch(r"\$\{env:(\w+)\}", exporter["endpoint"]).group(1)].rsplit(":", 1)
+    assert host and int(port) > 0
+    assert env[re.fullmatch(r"\$\{env:(\w+)\}", str(exporter["tls"]["insecure"])).group(1)] in ("true", "false")
+    assert exporter["sending_queue"]["enabled"] and exporter["retry_on_failure"]["enabled"]
 
 
 def test_gpu_overlay_scales_the_generator_on_queue_depth_never_cpu():
@@ -130,3 +174,71 @@ def test_readme_has_the_runbook():
         "Health: readiness and liveness", "What is not checked here",
     ):
         assert f"### {heading}" in text or f"## {heading}" in text, heading
+
+
+# --- the external metric's adapter rule -----------------------------------------------------------
+
+ADAPTER_VALUES = K8S_DIR / "monitoring" / "prometheus-adapter-values.yaml"
+
+
+def service_resource_attributes(container: dict, namespace: str, pod: str, service: str) -> dict[str, str]:
+    """The resource attributes a service process reports, as ragtune/telemetry.py builds them from the
+    environment the container gets (its downward-API values given), in a process of its own."""
+    values = {"metadata.name": pod, "metadata.namespace": namespace}
+    attributes = ",".join(f"{k}={values[f]}" for k, f in downward_resource_attributes(container).items())
+    code = ("import json; from ragtune.telemetry import configure_telemetry; "
+            f"t = configure_telemetry({service!r}); "
+            "print(json.dumps(dict(t.meter_provider._sdk_config.resource.attributes)))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          env={**env, "OTEL_RESOURCE_ATTRIBUTES": attributes})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prometheus_labels(docs: list[dict], attributes: dict[str, str]) -> set[str]:
+    """The labels a series of these resource attributes carries on the collector's Prometheus endpoint:
+    the attributes (and what the metrics pipeline's resource processors add), dots to underscores, when
+    the exporter converts resource attributes into labels."""
+    config = collector_config(docs)
+    added = set()
+    for name in config["service"]["pipelines"]["metrics"]["processors"]:
+        if name.split("/")[0] in ("resource", "attributes"):
+            added |= {a["key"] for a in config["processors"][name].get("attributes", []) if a["action"] in ("insert", "upsert")}
+    if not config["exporters"]["prometheus"].get("resource_to_telemetry_conversion", {}).get("enabled"):
+        return set()
+    return {re.sub(r"[^a-zA-Z0-9_]", "_", key) for key in set(attributes) | added}
+
+
+def adapter_rule_problems(rule: dict, labels: set[str]) -> list[str]:
+    """Every label the rule filters, maps or groups by is one the series carries."""
+    used = set(re.findall(r"(\w+)\s*!?=~?", rule["seriesQuery"].split("{", 1)[1])) if "{" in rule["seriesQuery"] else set()
+    used |= set(rule.get("resources", {}).get("overrides", {}))
+    for group in re.findall(r"by\s*\(([^)]*)\)", rule["metricsQuery"]):
+        used |= {g.strip() for g in group.split(",") if g.strip()}
+    return [f"the rule uses label {label}, which the series do not carry" for label in sorted(used - labels)]
+
+
+def test_prometheus_adapter_rule_uses_labels_the_series_carry():
+    """The documented prometheus-adapter rule serves the generator's queue depth by labels its series
+    really carry: the namespace (mapped to the HPA's namespace) from the pod's own resource attributes,
+    service_name from the telemetry's, and the HPA's selector among them; the same rule fails against a
+    generator without the namespace attribute."""
+    docs = render("gpu")
+    generator = by_kind(docs, "Deployment")["generator"]
+    container = pod_spec(generator)["containers"][0]
+    namespace = generator["metadata"]["namespace"]
+    attributes = service_resource_attributes(container, namespace, "generator-7d9c-x2k4p", "generator")
+    assert attributes["service.name"] == "generator" and attributes["k8s.namespace.name"] == namespace
+    labels = prometheus_labels(docs, attributes)
+    (rule,) = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["external"]
+    assert rule["name"]["as"] == "ragtune_generator_queue_depth" in generator_metric_names()
+    assert rule["seriesQuery"].startswith("ragtune_generator_queue_depth")
+    assert adapter_rule_problems(rule, labels) == []
+    namespace_label = next(k for k, v in rule["resources"]["overrides"].items() if v == {"resource": "namespace"})
+    assert attributes[namespace_label.replace("_", ".")] == namespace
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")["generator"]
+    assert set(hpa["spec"]["metrics"][0]["external"]["metric"]["selector"]["matchLabels"]) <= labels
+    without_namespace = {k: v for k, v in attributes.items() if not k.startswith("k8s.namespace")}
+    assert adapter_rule_problems(rule, prometheus_labels(docs, without_namespace)) != []
+    assert ADAPTER_VALUES.name in (K8S_DIR / "README.md").read_text()

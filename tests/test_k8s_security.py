@@ -132,10 +132,39 @@ def test_retriever_reads_the_weaviate_api_key():
     assert "WEAVIATE_API_KEY" in settings_env_names(settings_class("retriever"))
 
 
+OBJECT_STORE_BACKUPS = {"backup-s3": "BACKUP_S3_BUCKET", "backup-gcs": "BACKUP_GCS_BUCKET",
+                        "backup-azure": "BACKUP_AZURE_CONTAINER"}
+
+
+def weaviate_backup_problems(docs: list[dict]) -> list[str]:
+    """Weaviate backs up through exactly one backup module: to object storage (a bucket every replica
+    reaches) whenever it runs more than one replica, since a backup spread over per-pod volumes cannot
+    be restored elsewhere; to a filesystem only on one replica, and then on a claim of its own."""
+    statefulset = by_kind(docs, "StatefulSet")["weaviate"]
+    container = pod_spec(statefulset)["containers"][0]
+    env = env_of(docs, container, refs=True)
+    modules = [m for m in str(env.get("ENABLE_MODULES", "")).split(",") if m.startswith("backup-")]
+    if len(modules) != 1:
+        return [f"weaviate: backup modules {modules}, not exactly one"]
+    (module,) = modules
+    if module in OBJECT_STORE_BACKUPS:
+        bucket = env.get(OBJECT_STORE_BACKUPS[module])
+        return [] if isinstance(bucket, str) and bucket else [f"weaviate: {module} without a bucket"]
+    if module != "backup-filesystem":
+        return [f"weaviate: unknown backup module {module}"]
+    if statefulset["spec"]["replicas"] > 1:
+        return [f"weaviate: {statefulset['spec']['replicas']} replicas back up to per-pod filesystems"]
+    claims = {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]}
+    mount = next((m for m in container["volumeMounts"] if m["mountPath"] == env.get("BACKUP_FILESYSTEM_PATH")), None)
+    if mount is None or mount["name"] not in claims or mount["name"] == "data":
+        return ["weaviate: filesystem backups not on a claim of their own"]
+    return []
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_weaviate_memory_backups_and_volume_ownership(overlay):
-    """GOMEMLIMIT at 85 % of the memory limit (Weaviate's docs: 80-90 %), the filesystem backup
-    module writing to a volume of its own, and no recursive chown of the volumes on each start."""
+    """GOMEMLIMIT at 85 % of the memory limit (Weaviate's docs: 80-90 %), backups where they can be
+    restored from, and no recursive chown of the volumes on each start."""
     docs = render(overlay)
     statefulset = by_kind(docs, "StatefulSet")["weaviate"]
     container = pod_spec(statefulset)["containers"][0]
@@ -143,11 +172,27 @@ def test_weaviate_memory_backups_and_volume_ownership(overlay):
     limit = memory_mib(container["resources"]["limits"]["memory"])
     assert env["GOMEMLIMIT"].endswith("MiB")
     assert abs(float(env["GOMEMLIMIT"].removesuffix("MiB")) - 0.85 * limit) <= 1, (env["GOMEMLIMIT"], limit)
-    assert "backup-filesystem" in env["ENABLE_MODULES"].split(",")
-    claims = {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]}
-    backup_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == env["BACKUP_FILESYSTEM_PATH"])
-    assert backup_mount["name"] in claims and backup_mount["name"] != "data"
+    assert weaviate_backup_problems(docs) == []
     assert pod_spec(statefulset)["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+def test_weaviate_backs_up_to_object_storage_in_the_base_and_on_several_replicas():
+    """The base (every site's start) and the several-replica gpu overlay back up to a bucket, with no
+    per-pod backup volume and credentials that may come from workload identity instead of a Secret;
+    the one-replica laptop overlay keeps a filesystem volume. The check fails on what it forbids."""
+    for docs in (render_base(), render("gpu")):
+        weaviate = by_kind(docs, "StatefulSet")["weaviate"]
+        env = env_of(docs, pod_spec(weaviate)["containers"][0], refs=True)
+        assert env["ENABLE_MODULES"] == "backup-s3" and env["BACKUP_S3_BUCKET"]
+        assert [t["metadata"]["name"] for t in weaviate["spec"]["volumeClaimTemplates"]] == ["data"]
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[var]["secretKeyRef"]["optional"] is True, var
+    assert "backup-filesystem" in env_of(render("cpu"), pod_spec(by_kind(render("cpu"), "StatefulSet")["weaviate"])["containers"][0])["ENABLE_MODULES"]
+    broken = render("gpu")
+    config = next(c for n, c in by_kind(broken, "ConfigMap").items() if n.startswith("weaviate-backup"))
+    config["data"]["ENABLE_MODULES"] = "backup-filesystem"
+    config["data"]["BACKUP_FILESYSTEM_PATH"] = "/var/lib/weaviate-backups"
+    assert any("per-pod filesystems" in p for p in weaviate_backup_problems(broken))
 
 
 # --- scratch space ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from ragtune.server import HostSettings
 from ragtune.settings import TLSSettings
 from tests.k8s_support import (
+    CLUSTER_SCOPED_KINDS,
     K8S_VERSION,
     MTLS_VAR,
     OVERLAYS,
@@ -52,7 +53,7 @@ def test_tls_variant_renders_and_validates(overlay):
     cert_manager = [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
     assert {d["apiVersion"] for d in cert_manager} == {"cert-manager.io/v1"}
     assert {d["kind"] for d in cert_manager} == CERT_MANAGER_KINDS
-    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"ragtune"}
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] not in CLUSTER_SCOPED_KINDS} == {"ragtune"}
     assert {c["spec"]["secretName"] for c in certificates(docs).values()} >= {
         f"ragtune-tls-{s}" for s in ("gateway", "retriever", "generator", "trainer")}
 
