@@ -46,11 +46,18 @@ def _open_streams(start_stream, first_item: threading.Barrier) -> tuple[list[thr
     return threads, outcomes
 
 
-def test_generator_finishes_open_streams_on_sigterm(tmp_path):
+def test_generator_serves_without_its_database_and_finishes_open_streams_on_sigterm(tmp_path, ragtune_home,
+                                                                                    style_adapter):
+    """As k8s/base/generator.yaml runs it (no migration at start): the control-plane database is down from the
+    start, yet the generator starts, serves the base model and `name/version` adapters, and refuses only
+    `name@alias` (which it never read) with UNAVAILABLE naming it. Then SIGTERM during streams."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     env = {"RAGTUNE_GENERATOR_PORT": str(port), "RAGTUNE_HOME": str(tmp_path), "RAGTUNE_GENERATOR_GRACE_PERIOD_S": "120",
-           "RAGTUNE_GENERATOR_KV_CACHE_SPACE_GIB": "1", "RAGTUNE_GENERATOR_MAX_NUM_SEQS": "4"}
+           "RAGTUNE_GENERATOR_KV_CACHE_SPACE_GIB": "1", "RAGTUNE_GENERATOR_MAX_NUM_SEQS": "4",
+           # Nothing listens there: the database is down for the whole test.
+           "RAGTUNE_DATABASE_URL": f"postgresql+psycopg://ragtune@127.0.0.1:{free_port()}/ragtune",
+           "RAGTUNE_DATABASE_MIGRATE": "false", "RAGTUNE_ADAPTER_REGISTRY": str(ragtune_home / "adapters")}
     log = tmp_path / "generator.log"
     proc = start_service_process("services.generator", env, log)
     try:
@@ -58,6 +65,18 @@ def test_generator_finishes_open_streams_on_sigterm(tmp_path):
         channel = grpc.insecure_channel(address)
         stub = generator_pb2_grpc.GeneratorServiceStub(channel)
         md = tenant_metadata(GENERATOR_TEST_TENANT)
+        for adapter in ("", f"{style_adapter.name}/{style_adapter.version}"):
+            reply = stub.Generate(generator_pb2.GenerateRequest(
+                input=generator_pb2.GenerationInput(prompt="Say hello."), adapter=adapter,
+                sampling=common_pb2.SamplingParams(max_tokens=8, temperature=0.0)), metadata=md, timeout=120)
+            assert reply.usage.completion_tokens > 0, adapter
+        try:
+            stub.Generate(generator_pb2.GenerateRequest(
+                input=generator_pb2.GenerationInput(prompt="Say hello."), adapter=f"{style_adapter.name}@prod",
+                sampling=common_pb2.SamplingParams(max_tokens=8)), metadata=md, timeout=60)
+            raise AssertionError("an alias was resolved with no database")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and f"{style_adapter.name}@prod" in exc.details()
         request = generator_pb2.GenerateStreamRequest(
             input=generator_pb2.GenerationInput(prompt=COUNTING),
             sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=96))
