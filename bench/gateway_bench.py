@@ -212,7 +212,7 @@ def suite_run(rounds: int, requests: int, articles: int) -> dict:
                      "When did ancient history begin?"]
         generator = generator_pb2_grpc.GeneratorServiceStub(
             grpc.insecure_channel(os.environ["RAGTUNE_GATEWAY_GENERATOR_ADDRESS"]))
-        metadata = tenant_metadata("demo")
+        metadata = tenant_metadata("demo", os.environ["RAGTUNE_INTERNAL_TOKEN"])  # isolated_suite's token
         for question in questions:  # warm-up, not measured
             _ask(client, gateway_pb2, question, collection="bench")
         names = ("ask_ms", "overhead_ms", "self_reported_ms", "ttft_gateway_ms", "ttft_direct_ms")

@@ -272,6 +272,8 @@ def isolated_suite(prefix: str) -> tuple["LocalSuite", str]:
         os.environ[HTTP_PORT_ENV] = str(sock.getsockname()[1])
     for s in SERVICES[:3]:
         os.environ[f"RAGTUNE_GATEWAY_{s.name.upper()}_ADDRESS"] = f"127.0.0.1:{_port(s)}"
+    # The suite's internal token, in this process too: benchmarks that call a service directly send it.
+    os.environ["RAGTUNE_INTERNAL_TOKEN"] = ensure_internal_token(home)
     return LocalSuite(home), f"127.0.0.1:{_port(SERVICES[-1])}"
 
 

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import grpc
 
-from ragtune.errors import DeadlineExceeded, Unavailable
+from ragtune.errors import DeadlineExceeded, ServiceError, Unavailable
 from ragtune.settings import TLSSettings
 from ragtune.telemetry import client_interceptors
 from ragtune.tenancy import tenant_metadata
 from ragtune.tls import aio_channel
 from ragtune.v1 import generator_pb2_grpc, retriever_pb2_grpc, trainer_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 # How the gateway's channels find and spread over the replicas of a downstream service. With a
 # `dns:///name:port` address of a headless Kubernetes Service every ready pod resolves:
@@ -42,6 +45,12 @@ CHANNEL_OPTIONS = (
     ("grpc.enable_retries", 1),
 )
 MAX_RETRY_ATTEMPTS = 5  # gRPC caps a retry policy's maxAttempts at 5
+
+
+class DeploymentFault(ServiceError):
+    """The gateway's own call was refused by a service it depends on (credentials): INTERNAL to the client."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 @dataclass
@@ -123,6 +132,13 @@ class ServiceClient:
     def _translate(self, exc: grpc.aio.AioRpcError) -> Exception:
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             return Unavailable(f"the {self.name} is unavailable: {exc.details()}")
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            # The service refused the gateway itself (token or certificate), not the client's key: a deployment
+            # fault the client cannot fix, so never passed on as the client's own UNAUTHENTICATED.
+            log.error("the %s refused the gateway's call as unauthenticated (%s): RAGTUNE_INTERNAL_TOKEN or the TLS"
+                      " client certificate differs between the gateway and the %s", self.name, exc.details(), self.name)
+            return DeploymentFault(f"the gateway cannot call the {self.name}: its service credentials were refused"
+                                   " (a deployment fault; the operator is told in the gateway's log)")
         return exc  # passed on with its own code and details by the error interceptor
 
     async def _unary(self, method: str, request: Any, budget: CallBudget) -> Any:

@@ -96,11 +96,18 @@ def kustomize(folder: Path) -> subprocess.CompletedProcess:
 
 
 @cache
-def operator_secrets() -> dict[str, str]:
-    """Throwaway values for the files the gpu overlay requires, as an operator would provide them."""
+def operator_api_key() -> tuple[str, dict]:
+    """The key whose hashed entry operator_secrets() puts in the gpu overlay's keys file, and that entry,
+    so a test can call a gateway started from that overlay (tests/test_deployment_as_rendered.py)."""
     from ragtune.controlplane.api_keys import new_key_entry
 
-    _, entry = new_key_entry("acme", ["read", "ingest"])
+    return new_key_entry("acme", ["read", "ingest", "train"])
+
+
+@cache
+def operator_secrets() -> dict[str, str]:
+    """Throwaway values for the files the gpu overlay requires, as an operator would provide them."""
+    _, entry = operator_api_key()
     return {
         "api-keys.json": json.dumps({"keys": [entry]}),
         "internal-token": secrets.token_hex(32),

@@ -232,11 +232,12 @@ def guarded_trainer(tmp_path_factory):
                                RAGTUNE_INTERNAL_TOKEN=TOKEN)
     with InProcessServer(TrainerService, settings, "trainer") as server:
         channel = grpc.insecure_channel(server.address)
-        yield trainer_pb2_grpc.TrainerServiceStub(channel)
+        yield SimpleNamespace(stub=trainer_pb2_grpc.TrainerServiceStub(channel), address=server.address)
         channel.close()
 
 
 def test_internal_service_believes_no_tenant_header_without_the_token(guarded_trainer):
+    guarded_trainer = guarded_trainer.stub
     request = trainer_pb2.ListAdaptersRequest()
     for metadata in (tenant_metadata("acme"), tenant_metadata("acme", "wrong-token")):
         with pytest.raises(grpc.RpcError) as err:
@@ -348,3 +349,22 @@ def _wait_for_key(gateway, key: str, *, valid: bool) -> None:
                 return
         time.sleep(0.2)
     raise AssertionError(f"the key never became {'valid' if valid else 'invalid'}")
+
+
+def test_a_gateway_whose_token_the_services_refuse_is_a_deployment_fault_not_the_clients(guarded_trainer, tmp_path):
+    """The client's key is fine; the gateway's own token is not the trainer's: the client must not be told its
+    credentials failed (UNAUTHENTICATED), and no internal detail leaks."""
+    key, entry = new_key_entry("acme", ["read"])
+    dead = f"127.0.0.1:{free_port()}"
+    trainer_address = guarded_trainer.address
+    settings = GatewaySettings(port=0, http_port=-1, api_keys=json.dumps({"keys": [entry]}), retriever_address=dead,
+                               generator_address=dead, trainer_address=trainer_address, evaluation_workers=0,
+                               RAGTUNE_INTERNAL_TOKEN="not-the-trainers-token",
+                               RAGTUNE_DATABASE_URL=f"sqlite:///{tmp_path / 'gw.sqlite3'}")
+    with InProcessServer(GatewayService, settings, "gateway") as server, grpc.insecure_channel(server.address) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            gateway_pb2_grpc.GatewayServiceStub(ch).ListAdapters(
+                gateway_pb2.GatewayServiceListAdaptersRequest(request=trainer_pb2.ListAdaptersRequest()),
+                metadata=_auth(key), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "service credentials were refused" in err.value.details() and "token" not in err.value.details()
