@@ -32,11 +32,10 @@ import sys
 import time
 
 from bench.answers_data import KINDS, UNANSWERABLE, UPDATE, Corpus, Item, build_corpus
-from bench.answers_score import Answer, StreamedAnswer, score, tally
+from bench.answers_score import FINISH_REASONS, Answer, StreamedAnswer, from_done, score, tally
 from bench.common import write_result
 
 COLLECTION = "answers"
-_FINISH = {0: "", 1: "stop", 2: "length", 3: "abort"}
 
 
 class GatewayArm:
@@ -57,23 +56,7 @@ class GatewayArm:
         for event in self._client.stream("AskStream", gateway_pb2.AskStreamRequest(question=q)):
             answer.take(event)
         elapsed = time.perf_counter() - answer.started
-        return _from_done(self.name, item, "".join(answer.parts), answer.context, answer.done, elapsed, answer.ttft)
-
-
-def _from_done(arm: str, item: Item, text: str, context, done, elapsed: float, ttft: float | None) -> Answer:
-    t = done.timing
-    return Answer(
-        arm, item.id, item.kind, item.question, text, elapsed * 1000, (ttft or elapsed) * 1000,
-        gold_in_context=item.gold_document in {c.document_id for c in context},
-        context_documents=[c.document_id for c in context],
-        cited_documents=[c.document_id for c in done.citations],
-        citations_inferred=any(c.inferred for c in done.citations),
-        stale_in_context=any(s.lower() in c.text.lower() for c in context for s in item.stale),
-        prompt_tokens=done.usage.prompt_tokens, completion_tokens=done.usage.completion_tokens,
-        finish_reason=_FINISH.get(done.finish_reason, str(done.finish_reason)),
-        server_timing_ms={"retrieval": t.retrieval_ms, "generation": t.generation_ms,
-                          "ttft": t.time_to_first_token_ms, "total": t.total_ms, "overhead": t.gateway_overhead_ms},
-    )
+        return from_done(self.name, item, "".join(answer.parts), answer.context, answer.done, elapsed, answer.ttft)
 
 
 class GeneratorArm:
@@ -108,7 +91,7 @@ class GeneratorArm:
         return Answer(self.name, item.id, item.kind, item.question, "".join(parts), elapsed * 1000,
                       (ttft or elapsed) * 1000, prompt_tokens=last.usage.prompt_tokens,
                       completion_tokens=last.usage.completion_tokens,
-                      finish_reason=_FINISH.get(last.finish_reason, str(last.finish_reason)))
+                      finish_reason=FINISH_REASONS.get(last.finish_reason, str(last.finish_reason)))
 
 
 class GoldArm(GeneratorArm):

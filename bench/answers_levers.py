@@ -11,7 +11,7 @@ import threading
 import time
 
 from bench.answers_data import Item
-from bench.answers_score import Answer, StreamedAnswer
+from bench.answers_score import Answer, StreamedAnswer, from_done
 
 
 FOUR_PASSAGES = "four-passages"  # always run: the time to first token with four passages is a target
@@ -102,10 +102,8 @@ class LeverArm:
         return "".join(answer.parts), answer.context, answer.done, elapsed, answer.ttft
 
     def ask(self, item: Item) -> Answer:
-        from bench.answers_bench import _from_done
-
         text, context, done, elapsed, ttft = _Loop.get().run(self._ask(item))
-        return _from_done(self.name, item, text, context, done, elapsed, ttft)
+        return from_done(self.name, item, text, context, done, elapsed, ttft)
 
 
 def lever_arms(selected: list[str], max_tokens: int) -> list[LeverArm]:

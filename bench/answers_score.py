@@ -7,6 +7,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from bench.answers_data import Item
 from bench.common import summary
 
 
@@ -78,6 +79,27 @@ class Answer:
     completion_tokens: int = 0
     finish_reason: str = ""
     server_timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+FINISH_REASONS = {0: "", 1: "stop", 2: "length", 3: "abort"}  # the proto FinishReason enum, as the JSON names it
+
+
+def from_done(arm: str, item: Item, text: str, context, done, elapsed: float, ttft: float | None) -> Answer:
+    """The unscored Answer of a streamed AskStream (its text, context and done event), however it was asked:
+    through the gateway (answers_bench) or a lever's pipeline in process (answers_levers)."""
+    t = done.timing
+    return Answer(
+        arm, item.id, item.kind, item.question, text, elapsed * 1000, (ttft or elapsed) * 1000,
+        gold_in_context=item.gold_document in {c.document_id for c in context},
+        context_documents=[c.document_id for c in context],
+        cited_documents=[c.document_id for c in done.citations],
+        citations_inferred=any(c.inferred for c in done.citations),
+        stale_in_context=any(s.lower() in c.text.lower() for c in context for s in item.stale),
+        prompt_tokens=done.usage.prompt_tokens, completion_tokens=done.usage.completion_tokens,
+        finish_reason=FINISH_REASONS.get(done.finish_reason, str(done.finish_reason)),
+        server_timing_ms={"retrieval": t.retrieval_ms, "generation": t.generation_ms,
+                          "ttft": t.time_to_first_token_ms, "total": t.total_ms, "overhead": t.gateway_overhead_ms},
+    )
 
 
 def score(a: Answer, answers: tuple[str, ...], stale: tuple[str, ...], gold: str, citations: bool) -> Answer:

@@ -110,7 +110,7 @@ def build_collection(args, cache: Path, texts: list[str], base: np.ndarray) -> d
     """Creates the N-chunk collection and its indexes, or reuses the cached one (restored to its built version)."""
     import lancedb
 
-    from services.retriever.backends.lancedb_store import LanceDBStore
+    from services.retriever.backends.lancedb.store import LanceDBStore
     from services.retriever.domain import Chunk, CollectionSpec, FieldType, PreparedDocument
 
     name = f"scale{args.vectors}"
@@ -323,15 +323,16 @@ def concurrent_phase(stub, name: str, md, queries: list[str], docs: list[tuple[s
     ingest: dict = {}
     job = None
     if rebuild is not None:
-        from services.retriever.backends.lancedb_index import IndexPolicy
+        from services.retriever.backends.lancedb.index import IndexPolicy
 
         store_dir, table = rebuild
         rows = visible._table.count_rows()
         args_ = {"uri": str(store_dir / TENANT), "table": table, "index_name": "vector_idx", "action": "build",
                  "partitions": IndexPolicy(rows_per_partition=args.rows_per_partition).partitions_for(rows), "nice": 10}
-        builder = Path(__file__).resolve().parent.parent / "services" / "retriever" / "backends" / "lancedb_builder.py"
+        builder = Path(__file__).resolve().parent.parent / "services/retriever/backends/lancedb/builder.py"
         job = {"started": time.perf_counter(),
-               "proc": subprocess.Popen([sys.executable, str(builder), json.dumps(args_)], stdout=subprocess.PIPE, text=True)}
+               "proc": subprocess.Popen([sys.executable, "-P", str(builder), json.dumps(args_)], stdout=subprocess.PIPE,
+                                        text=True)}
 
     def stream():
         for i in range(0, len(docs), 100):

@@ -144,3 +144,16 @@ def database(database_url):
     db.migrate()
     yield db
     db.dispose()
+
+
+# --- the fast lane: `pytest -m "not slow"` -------------------------------------------------------
+
+# Session fixtures that start the vLLM engine or train an adapter: a test that needs either is slow,
+# whether or not its file says so (CI runs everything; the fast lane leaves them out).
+SLOW_FIXTURES = frozenset({"generator_server", "style_adapter"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

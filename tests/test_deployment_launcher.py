@@ -38,6 +38,7 @@ def address(service: LocalService) -> str:
     return f"127.0.0.1:{launcher._port(service)}"
 
 
+@pytest.mark.slow  # starts, kills and restarts real services: 24 to 36 s here
 def test_a_killed_service_is_restarted_while_the_others_keep_serving(light_suite):
     suite = light_suite
     retriever, gateway = suite.services
@@ -94,6 +95,7 @@ def test_a_service_that_cannot_start_stops_the_suite(tmp_path, monkeypatch):
     assert time.monotonic() - started >= 0.75
 
 
+@pytest.mark.slow  # starts, kills and restarts real services: 24 to 36 s here
 def test_a_second_ctrl_c_during_the_stop_kills_what_is_left_instead_of_orphaning_it(light_suite, monkeypatch):
     """The services run in sessions of their own, so Ctrl-C reaches only the launcher. A second Ctrl-C
     while it stops them (people press it twice; `timeout` forwards a signal to the group it was also sent

@@ -12,6 +12,7 @@ import asyncio
 import time
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.downstream import CallBudget, Downstream
@@ -44,6 +45,7 @@ async def _calls(down: Downstream, seconds: float) -> tuple[int, int]:
     return calls, failures
 
 
+@pytest.mark.slow  # two real replicas and health probes on their own clock: 10 to 20 s here
 def test_a_replica_that_turns_unhealthy_stops_getting_calls_within_5_s(tmp_path):
     with _replica(tmp_path, "a") as a, _replica(tmp_path, "b") as b:
         unused = f"127.0.0.1:{free_port()}"

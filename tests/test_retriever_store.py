@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from services.retriever.backends.lancedb_store import LanceDBStore
+from services.retriever.backends.lancedb.store import LanceDBStore
 from services.retriever.domain import Between, Chunk, CollectionSpec, FieldType, PreparedDocument
 from services.retriever.server import RetrieverService
 from services.retriever.settings import RetrieverSettings
@@ -121,7 +121,7 @@ def test_writes_and_searches_proceed_while_the_index_is_rebuilt(tmp_path):
     as unindexed rows) before it finishes; afterwards the new index serves them too."""
     import time
 
-    from services.retriever.backends.lancedb_index import Action
+    from services.retriever.backends.lancedb.index import Action
 
     rng = np.random.default_rng(3)
     dim = 64
@@ -178,7 +178,7 @@ def test_hybrid_reads_only_the_fused_rows_and_answers_the_same(tmp_path):
     """Hybrid fuses row-id candidates and reads text and metadata for the top k only: the same hits, scores
     and metadata as fusing whole rows, with filters and at every alpha; and when the row ids went stale
     between the two reads (a compaction rewrote the fragments), it answers from whole rows instead."""
-    from services.retriever.backends.lancedb_sql import where_clause
+    from services.retriever.backends.lancedb.sql import where_clause
     from services.retriever.domain import Equals
 
     rng = np.random.default_rng(11)
@@ -260,6 +260,7 @@ def test_hybrid_reads_only_the_fused_rows_and_answers_the_same(tmp_path):
         store.close()
 
 
+@pytest.mark.slow  # several index jobs in child processes: 15 to 28 s here
 def test_folds_add_index_segments_merge_them_and_compact_small_fragments(tmp_path):
     """New rows are folded into each index as a segment, not by retraining it: the trained vector index stays,
     the segments of later folds are merged once there are four, and many small writes are compacted; every
@@ -456,12 +457,12 @@ def test_rows_appended_after_the_index_are_searched_exactly_beside_it(tmp_path):
         assert filtered[0].chunk_id == "d1300#0" and all(h.metadata["n"] >= 1300 for h in filtered)
 
         # Eight small fragments, but some not indexed: no compaction (it would rewrite the indexed base).
-        from services.retriever.backends import lancedb_builder
+        from services.retriever.backends.lancedb import builder
 
         for _ in range(5):
             write(5)
         job = {"index_name": "vector_idx", "compact_fragments": 8}
-        assert lancedb_builder._compact(store._table("acme", "app").to_lance(), job) is None
+        assert builder._compact(store._table("acme", "app").to_lance(), job) is None
 
         store.maintain_index("acme", "app")  # the fold covers every fragment again, then compacts
         assert store.wait_for_maintenance(120) and store.index_status("acme", "app")["vector_unindexed"] == 0

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from ragtune.models import embedding_model_path
-from services.retriever.backends.lancedb_sql import where_clause
+from services.retriever.backends.lancedb.sql import where_clause
 from services.retriever.backends.weaviate_store import (
     chunk_properties,
     chunk_uuid,
@@ -183,7 +183,7 @@ def test_weaviate_objects_carry_typed_properties_and_stable_ids():
 
 # ---- LanceDB index maintenance policy ------------------------------------------------------------
 def test_index_policy_builds_folds_and_rebuilds_on_drift():
-    from services.retriever.backends.lancedb_index import Action, IndexPolicy, IndexState
+    from services.retriever.backends.lancedb.index import Action, IndexPolicy, IndexState
 
     policy = IndexPolicy(min_rows=10_000, rows_per_partition=50_000, fold_fraction=0.05, fold_min_rows=1_000)
     plan = lambda **kw: policy.plan(IndexState(**kw))[0]  # noqa: E731

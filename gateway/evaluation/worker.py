@@ -22,8 +22,10 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from ragtune.controlplane import evaluations as states
+from ragtune.controlplane import leased_work
 from ragtune.controlplane.database import DatabaseUnavailable
 from ragtune.controlplane.evaluations import CancelRequested, EvaluationRecord, EvaluationStore, LeaseLost
+from ragtune.controlplane.leased_work import CANCEL, SHUTDOWN, Hold
 from ragtune.errors import InvalidArgument
 from ragtune.gate_metrics import gate_metric_name
 from ragtune.v1 import gateway_pb2
@@ -40,7 +42,6 @@ from gateway.rag import AskPipeline
 
 log = logging.getLogger(__name__)
 
-CANCEL, SHUTDOWN, LEASE_LOST = "cancel", "shutdown", "lease lost"
 # How long one attempt waits for a gate's job to be recorded EVALUATING. The trainer does so right
 # after queueing the gate; if it died in between, another trainer takes the job over once its lease
 # (30 s by default) runs out. Past this the attempt fails and is tried again later.
@@ -79,10 +80,7 @@ class EvaluationWorker:
 
     async def _claim_loop(self) -> None:
         while True:
-            try:
-                record = await asyncio.to_thread(self.store.claim, self.worker_id, self.lease_s)
-            except DatabaseUnavailable:
-                record = None
+            record = await asyncio.to_thread(leased_work.claim, self.store, self.worker_id, self.lease_s)
             if record is None:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
@@ -106,7 +104,14 @@ class EvaluationWorker:
         reason: list[str] = []
         task = asyncio.create_task(self._run(record, reason), name=f"evaluation-{record.id}")
         self._runs[record.id] = (task, reason)
-        heartbeat = asyncio.create_task(self._heartbeat(record.id, task, reason))
+
+        def stop(why: str) -> None:
+            reason.append(why)
+            task.cancel()
+
+        # Renewing often also makes a client's cancel take effect within seconds.
+        hold = Hold(self.store, record.id, self.worker_id, self.lease_s)
+        heartbeat = asyncio.create_task(leased_work.renew_until_stopped(hold, min(self.lease_s / 3, 2.0), task, stop))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -122,24 +127,6 @@ class EvaluationWorker:
         finally:
             heartbeat.cancel()
             self._runs.pop(record.id, None)
-
-    async def _heartbeat(self, evaluation_id: str, task: asyncio.Task, reason: list[str]) -> None:
-        # Renewing often also makes a client's cancel take effect within seconds.
-        period = min(self.lease_s / 3, 2.0)
-        while not task.done():
-            await asyncio.sleep(period)
-            try:
-                status = await asyncio.to_thread(self.store.renew, evaluation_id, self.worker_id, self.lease_s)
-            except DatabaseUnavailable:
-                continue  # the run itself will stop at its next save if the database stays away
-            if not status.held:
-                reason.append(LEASE_LOST)
-                task.cancel()
-                return
-            if status.cancel_requested:
-                reason.append(CANCEL)
-                task.cancel()
-                return  # once: a second cancel would interrupt the partial report and the final state
 
     async def _attempt_failed(self, record: EvaluationRecord, exc: Exception) -> None:
         error = describe(exc)
@@ -278,11 +265,8 @@ class EvaluationWorker:
                            incumbent_version=g.incumbent_version, evaluation_id=record.id)
 
     async def _hand_back(self, evaluation_id: str, reason: list[str]) -> None:
-        if SHUTDOWN in reason:
-            try:
-                await asyncio.to_thread(self.store.release, evaluation_id, self.worker_id)
-            except DatabaseUnavailable:
-                pass  # the lease expires instead
+        if SHUTDOWN in reason:  # a clean stop: its attempt is given back (EvaluationStore.release)
+            await asyncio.to_thread(leased_work.hand_back, self.store, evaluation_id, self.worker_id)
 
     async def _run_arm(self, record, spec, run: EvalRun, arm: ArmResult, items: list[EvalItem],
                        saved: dict, snapshot: gateway_pb2.Evaluation) -> None:

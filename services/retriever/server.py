@@ -225,7 +225,7 @@ def open_store(settings: RetrieverSettings, dimension: int):
             vector_index=settings.weaviate_vector_index,
             api_key=settings.weaviate_api_key.get_secret_value() if settings.weaviate_api_key else None,
         )
-    from services.retriever.backends.lancedb_store import LanceDBStore
+    from services.retriever.backends.lancedb.store import LanceDBStore
 
     return LanceDBStore(
         settings.store_dir,

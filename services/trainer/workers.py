@@ -1,78 +1,43 @@
 """`WorkerPool`: threads that claim jobs from the control plane under a lease (queued ones, or ones
-whose worker died), keep the lease alive while the job runs, and tell the run when it must stop."""
+whose worker died), keep the lease alive while the job runs, and tell the run when it must stop. The
+lease protocol itself (claim, renew, fence, hand back) is `ragtune.controlplane.leased_work`'s."""
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
+from ragtune.controlplane import leased_work
 from ragtune.controlplane.database import DatabaseUnavailable
 from ragtune.controlplane.jobs import JobRecord, JobStore
+from ragtune.controlplane.leased_work import CANCEL, LOST, SHUTDOWN, Hold, ThreadHeartbeat
 
 log = logging.getLogger(__name__)
 
-CANCEL, SHUTDOWN, LOST = "cancel", "shutdown", "lost"
 
-
-class Lease:
+class Lease(Hold):
     """One worker's hold on one job. A heartbeat thread renews it every lease_s / 3; the run asks
     `stop_reason()` between steps: LOST (another worker may own the job now: touch nothing), CANCEL
     (a client asked, on any replica) or SHUTDOWN (this process is stopping: resume elsewhere)."""
 
     def __init__(self, store: JobStore, job_id: str, worker: str, lease_s: float, shutdown: threading.Event):
-        self.store, self.job_id, self.worker, self.lease_s = store, job_id, worker, lease_s
+        super().__init__(store, job_id, worker, lease_s)
+        self.job_id = job_id
         self._shutdown = shutdown
-        self._cancel = threading.Event()
-        self._lost = threading.Event()
-        self._done = threading.Event()
-        self._last_held = time.monotonic()  # claimed just now
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+        self._heartbeat = ThreadHeartbeat(self, lease_s / 3, name=f"lease-{job_id}")
 
     def __enter__(self) -> Lease:
-        self._thread.start()
+        self._heartbeat.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _beat(self) -> None:
-        while not self._done.wait(self.lease_s / 3):
-            self.renew()
-
-    def renew(self) -> bool:
-        """Renews the lease now; False when this worker may no longer hold the job."""
-        try:
-            status = self.store.renew(self.job_id, self.worker, self.lease_s)
-        except DatabaseUnavailable:
-            log.warning("job %s: cannot renew the lease: the database is unavailable", self.job_id)
-            return not self._overdue()
-        except Exception:  # noqa: BLE001 - a heartbeat must outlive any one failure
-            log.exception("job %s: renewing the lease failed", self.job_id)
-            return not self._overdue()
-        if not status.held:
-            self._lost.set()
-            return False
-        self._last_held = time.monotonic()
-        if status.cancel_requested:
-            self._cancel.set()
-        return True
-
-    def _overdue(self) -> bool:
-        # Two renewals in a row failed: stop before the lease can run out under this run, since
-        # another worker may claim the job then (a margin for clocks and slow steps).
-        return time.monotonic() - self._last_held > self.lease_s * 2 / 3
-
-    def cancel(self) -> None:
-        """A CancelJob on this replica: stop at the next step without waiting for a renewal."""
-        self._cancel.set()
+        self._heartbeat.__exit__(*exc)
 
     def stop_reason(self) -> str | None:
-        if self._lost.is_set() or self._overdue():
+        if self.fenced:
             return LOST
-        if self._cancel.is_set():
+        if self.cancel_requested:
             return CANCEL
         if self._shutdown.is_set():
             return SHUTDOWN
@@ -130,13 +95,7 @@ class WorkerPool:
     def _work(self, worker: str) -> None:
         while not self._shutdown.is_set():
             generation = self._generation
-            try:
-                job = self.store.claim(worker, self.lease_s)
-            except DatabaseUnavailable:
-                job = None  # logged by the database; try again at the next poll
-            except Exception:  # noqa: BLE001 - the worker must keep working
-                log.exception("claiming a job failed")
-                job = None
+            job = leased_work.claim(self.store, worker, self.lease_s)
             if job is None:
                 self._idle(generation)
                 continue
@@ -164,9 +123,6 @@ class WorkerPool:
             with self._lock:
                 self._running.pop(job.id, None)
         if release:
-            try:
-                # A finished job has no holder any more (this does nothing then); an unfinished one
-                # (shutdown, lost lease or database) becomes claimable at once.
-                self.store.release(job.id, worker)
-            except DatabaseUnavailable:
-                pass
+            # A finished job has no holder any more (this does nothing then); an unfinished one
+            # (shutdown, lost lease or database) becomes claimable at once.
+            lease.hand_back()

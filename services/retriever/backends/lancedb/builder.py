@@ -16,7 +16,7 @@ the rows added since the build (three 1k-row segments: 0.5 s). Small fragments l
 are compacted into larger ones after the folds, while every fragment is indexed; fragments already
 `fragment_rows` large are not rewritten.
 
-Usage: python lancedb_builder.py '{"uri": ..., "table": ..., "action": "build"|"optimize", ...}'
+Usage: python -P builder.py '{"uri": ..., "table": ..., "action": "build"|"optimize", ...}'
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _build(table, job: dict) -> dict:
 def _compact(dataset, job: dict) -> dict | None:
     """Merges small fragments once there are `compact_fragments` of them (each small write leaves one), but
     only while the vector index covers every fragment (right after a fold that no write raced): searches use
-    the newest fully indexed version as their base while rows are appended (lancedb_vector.py), and a
+    the newest fully indexed version as their base while rows are appended (vector.py), and a
     compaction that rewrites its fragments mid-ingest would send them to LanceDB's slower plan until the
     next such version (at 1M rows, 67 of 400 queries during a 10k-document ingest)."""
     fragments = dataset.get_fragments()

@@ -2,7 +2,7 @@
 
 A document's chunks are written in one LanceDB commit (append, or merge-insert that also deletes the
 document's old chunks), so a document lands whole or not at all and survives a restart. Vector search is
-exact while a collection is small and uses an IVF_HNSW_SQ index once it is large; `lancedb_index.py` keeps
+exact while a collection is small and uses an IVF_HNSW_SQ index once it is large; `index.py` keeps
 the indexes fresh in a background process that no write or search ever waits on.
 """
 
@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from ragtune.errors import AlreadyExists, NotFound
-from services.retriever.backends.lancedb_index import Action, IndexMaintainer, IndexPolicy, IndexState
-from services.retriever.backends.lancedb_search import DEFAULT_EF, TableSearch, nprobes_for
-from services.retriever.backends.lancedb_sql import ids_clause, where_clause
-from services.retriever.backends.lancedb_vector import CollectionVectors
+from services.retriever.backends.lancedb.index import Action, IndexMaintainer, IndexPolicy, IndexState
+from services.retriever.backends.lancedb.search import DEFAULT_EF, TableSearch, nprobes_for
+from services.retriever.backends.lancedb.sql import ids_clause, where_clause
+from services.retriever.backends.lancedb.vector import CollectionVectors
 from services.retriever.domain import CollectionSpec, FieldType, Hit, PreparedDocument, resolve_vector
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ class LanceDBStore:
         table = self._table(tenant, spec.name)
         return table.count_rows("chunk_index = 0"), table.count_rows()
 
-    # ---- search (lancedb_search.py) ----------------------------------------------------------------
+    # ---- search (search.py) ----------------------------------------------------------------
     def _nprobes(self, tenant: str, name: str) -> int:
         """Partitions a query probes: a share of those the index was trained with (read once, kept fresh by jobs)."""
         key = (tenant, name)
@@ -315,7 +315,7 @@ class LanceDBStore:
         return self._search.hybrid(table, spec, vectors, text=text, vector=vector, top_k=top_k, alpha=alpha,
                                    where=where, nprobes=nprobes)
 
-    # ---- index maintenance (see lancedb_index.py for the policy) ---------------------------------
+    # ---- index maintenance (see index.py for the policy) ---------------------------------
     def _index_meta_path(self, tenant: str, name: str) -> Path:
         return self._tenant_dir(tenant) / _INDEX_DIR / f"{name}.json"
 
@@ -420,7 +420,7 @@ class LanceDBStore:
         self._hybrid_pool.shutdown(wait=True)
         with self._guard:
             for (tenant, name), vectors in self._vectors.items():
-                if vectors.plans:  # how vector queries were answered (lancedb_vector.py), for tuning
+                if vectors.plans:  # how vector queries were answered (vector.py), for tuning
                     log.info("vector search plans for %s/%s: %s", tenant, name, dict(vectors.plans))
             self._vectors.clear()
             self._tables.clear()

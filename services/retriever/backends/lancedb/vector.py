@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.retriever.backends.lancedb_search import DEFAULT_EF, REFINE_FACTOR, Candidate
+from services.retriever.backends.lancedb.search import DEFAULT_EF, REFINE_FACTOR, Candidate
 
 # Appended rows searched exactly at most; past this (a bulk load outrunning the folds) lance's plan is cheaper.
 MAX_APPENDED_ROWS = 100_000

@@ -1,6 +1,6 @@
 """Vector, keyword and hybrid queries over one LanceDB collection table (the embedded store's read path).
 
-Vector hits come from the collection's `CollectionVectors` (lancedb_vector.py: the index at the newest
+Vector hits come from the collection's `CollectionVectors` (vector.py: the index at the newest
 version it covers, plus rows appended since), at the version the table handle sees; keyword hits from
 LanceDB's full-text search on the handle.
 

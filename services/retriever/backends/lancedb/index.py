@@ -6,7 +6,7 @@ Policy (`IndexPolicy.plan`), applied after every write and again after every job
 - from `min_rows` on it gets an IVF_HNSW_SQ index with about `rows_per_partition` rows per partition (500k:
   a query searches the HNSW graph of every partition it probes, so a few large graphs answer sooner than many
   small ones; at 1M rows two partitions built in 539 s, against 1,301 s for twenty of 50k, and a search
-  took 8 ms p50 at recall@10 0.977 in process, with the query settings in lancedb_search.py);
+  took 8 ms p50 at recall@10 0.977 in process, with the query settings in search.py);
 - rows written since the last job are *unindexed*: LanceDB searches them exactly alongside the indexes, so
   they are found at once. An optimize job folds them into every index, as a new segment of it,
   once the full-text index has more than `fold_min_rows` of them, or a tenth of a smaller collection's rows
@@ -14,7 +14,7 @@ Policy (`IndexPolicy.plan`), applied after every write and again after every job
   measured about 15 ms per 1,000 unindexed rows on the loaded 2-core machine, against well under 1 ms for
   vectors) or the vector index more than `fold_fraction` of the collection. A fold costs what indexing the
   new rows costs, not a rebuild (10k new rows at 1M: 1.4 s), and merges the newer segments once an index
-  has four (see lancedb_builder.py);
+  has four (see builder.py);
 - rows still unindexed once the collection has had no write for `quiet_s` seconds (an ingest that ended below
   the thresholds) are folded then, with the compaction that follows a fold, so a collection at rest is
   searched through its indexes alone (only collections that have a vector index: smaller ones are cheap);
@@ -22,7 +22,7 @@ Policy (`IndexPolicy.plan`), applied after every write and again after every job
   `drift` times (partitions would hold twice or half the rows they were trained for), the index is rebuilt,
   so growth by doubling keeps the total build work linear in the collection size.
 
-Jobs run one at a time in a child process (`lancedb_builder.py`, at a lower CPU priority, in the SCHED_IDLE class by default). No lock is held while they run:
+Jobs run one at a time in a child process (`builder.py`, at a lower CPU priority, in the SCHED_IDLE class by default). No lock is held while they run:
 writes and searches go on, and LanceDB's optimistic commits keep the rows written meanwhile (they stay
 unindexed, searched exactly, until the next job folds them in).
 """
@@ -42,7 +42,9 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-_BUILDER = Path(__file__).with_name("lancedb_builder.py")
+# Run as a plain script with -P (its folder not put on sys.path): beside it lie modules named like
+# common top-level ones (index, sql, search), which must not shadow those for the child.
+_BUILDER = Path(__file__).with_name("builder.py")
 
 
 class Action(str, enum.Enum):
@@ -250,7 +252,7 @@ class IndexMaintainer:
                 return None
             self.running = record
             self._child = subprocess.Popen(
-                [sys.executable, str(_BUILDER), json.dumps({**args, "action": action.value})],
+                [sys.executable, "-P", str(_BUILDER), json.dumps({**args, "action": action.value})],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
