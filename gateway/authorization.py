@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextvars
 import time
-from typing import Any, Awaitable, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import grpc
 
 from gateway.auth import KeyRing, Principal
 from ragtune.access import SERVICE_ONLY_FIELDS, Rule, rule_for
 from ragtune.errors import PermissionDenied, ServiceError
+from ragtune.server import refusal_handler, wrap_handler
 
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("ragtune_principal", default=None)
 
@@ -80,17 +81,7 @@ def refuse_service_only_fields(method: str, request: Any) -> None:
             message = getattr(message, name)
         else:
             if message.HasField(leaf):
-                raise PermissionDenied(f"{path} is set only by the ragtune services, never by a client",
-                                       ) from None
-
-
-def _abort_handler(status: grpc.Status) -> grpc.RpcMethodHandler:
-    # A stream-stream handler aborts without reading a single request message, whatever the method's shape.
-    async def deny(request_iterator, context):
-        await context.abort(status.code, status.details, status.trailing_metadata)
-        yield  # pragma: no cover - makes this an async generator
-
-    return grpc.stream_stream_rpc_method_handler(deny)
+                raise PermissionDenied(f"{path} is set only by the ragtune services, never by a client")
 
 
 class PublicAccessInterceptor(grpc.aio.ServerInterceptor):
@@ -111,7 +102,7 @@ class PublicAccessInterceptor(grpc.aio.ServerInterceptor):
         try:
             principal = authorize(keys, rule, method, handler_call_details.invocation_metadata or ())
         except ServiceError as error:
-            return _abort_handler(error.to_status())
+            return refusal_handler(error.to_status())
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
@@ -141,19 +132,19 @@ def _with_principal(handler: grpc.RpcMethodHandler, method: str, principal: Prin
                     admission: Admission, recheck: StreamRecheck) -> grpc.RpcMethodHandler:
     """Runs the handler with the principal set and inside the admission (released when the call ends)."""
 
-    async def admitted(request) -> Release:
-        if not hasattr(request, "__aiter__"):
-            refuse_service_only_fields(method, request)
-        return await admission.admit(principal, rule)
+    async def enter(request, context) -> tuple[contextvars.Token, Release]:
+        """Sets the principal and enters the admission; a refusal aborts the call with its status."""
+        token = _principal.set(principal)
+        try:
+            if not hasattr(request, "__aiter__"):
+                refuse_service_only_fields(method, request)
+            return token, await admission.admit(principal, rule)
+        except ServiceError as error:
+            await _abort(context, error)
 
     def wrap_unary(behavior):
         async def wrapper(request, context):
-            token = _principal.set(principal)
-            try:
-                release = await admitted(request)
-            except ServiceError as error:
-                status = error.to_status()
-                await context.abort(status.code, status.details, status.trailing_metadata)
+            token, release = await enter(request, context)
             try:
                 return await behavior(request, context)
             finally:
@@ -164,19 +155,13 @@ def _with_principal(handler: grpc.RpcMethodHandler, method: str, principal: Prin
 
     def wrap_stream(behavior):
         async def wrapper(request, context):
-            token = _principal.set(principal)
-            try:
-                release = await admitted(request)
-            except ServiceError as error:
-                status = error.to_status()
-                await context.abort(status.code, status.details, status.trailing_metadata)
+            token, release = await enter(request, context)
             try:
                 async for item in behavior(request, context):
                     try:
                         recheck()
                     except ServiceError as error:
-                        status = error.to_status()
-                        await context.abort(status.code, status.details, status.trailing_metadata)
+                        await _abort(context, error)
                     yield item
             finally:
                 release()
@@ -184,26 +169,9 @@ def _with_principal(handler: grpc.RpcMethodHandler, method: str, principal: Prin
 
         return wrapper
 
-    return _wrap(handler, wrap_unary, wrap_stream)
-
-
-def _wrap(handler, wrap_unary, wrap_stream):
-    from ragtune.server import wrap_handler  # the one place handlers are rebuilt
-
     return wrap_handler(handler, wrap_unary, wrap_stream)
 
 
-def deadline_of(remaining_s: float | None, default_s: float) -> float:
-    """The monotonic deadline of a call: what the client asked for, capped at ten times the default."""
-    remaining = default_s if remaining_s is None else remaining_s
-    return time.monotonic() + min(remaining, default_s * 10)
-
-
-async def call_admitted(admission: Admission, principal: Principal, rule: Rule,
-                        call: Callable[[], Awaitable[Any]]) -> Any:
-    """Runs `call` inside the admission (the HTTP front's form of the interceptor)."""
-    release = await admission.admit(principal, rule)
-    try:
-        return await call()
-    finally:
-        release()
+async def _abort(context, error: ServiceError) -> None:
+    status = error.to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)

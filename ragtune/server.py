@@ -214,7 +214,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, wrap_unary, wrap_stream)
 
 
-def _refusal(status: grpc.Status) -> grpc.RpcMethodHandler:
+def refusal_handler(status: grpc.Status) -> grpc.RpcMethodHandler:
     """A handler that answers `status` without reading a request message, whatever the method's shape."""
 
     async def deny(request_iterator, context):
@@ -238,16 +238,13 @@ class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
         given = dict(handler_call_details.invocation_metadata or ()).get(INTERNAL_TOKEN_METADATA_KEY, "")
         if hmac.compare_digest(hashlib.sha256(str(given).encode()).digest(), self._digest):
             return await continuation(handler_call_details)
-        return _refusal(Unauthenticated("this service accepts calls only from the ragtune services").to_status())
+        return refusal_handler(Unauthenticated("this service accepts calls only from the ragtune services").to_status())
 
 
 class CallerIdentityInterceptor(grpc.aio.ServerInterceptor):
     """With mutual TLS, accepts a call only when the client certificate's SAN names an identity the access
     table lets call that method (ragtune/access.py): a certificate the CA signed for the generator cannot call
     the trainer. The TLS handshake already proved the certificate; this decides what it may do."""
-
-    def __init__(self, service: str):
-        self._service = service
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -296,7 +293,7 @@ def internal_identity_interceptors(service_names: Sequence[str], settings: Servi
     if settings.internal_token is not None:
         interceptors.append(InternalTokenInterceptor(settings.internal_token.get_secret_value()))
     if tls.client_ca_file is not None:
-        interceptors.append(CallerIdentityInterceptor(",".join(service_names)))
+        interceptors.append(CallerIdentityInterceptor())
     return interceptors
 
 

@@ -5,6 +5,7 @@ arrives after the signal is refused (UNAVAILABLE) rather than cut half-way."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import signal
 import threading
 import time
@@ -19,6 +20,18 @@ from tests.grpc_support import free_port, start_service_process, wait_serving
 
 COUNTING = "Count from 1 to 500, separated by commas: 1, 2, 3, 4, 5,"
 STREAMS = 3
+
+
+@contextmanager
+def _process(module: str, env: dict[str, str], log):
+    """A service process, killed if the test left it running."""
+    proc = start_service_process(module, env, log)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _open_streams(start_stream, first_item: threading.Barrier) -> tuple[list[threading.Thread], list[dict]]:
@@ -59,8 +72,7 @@ def test_generator_serves_without_its_database_and_finishes_open_streams_on_sigt
            "RAGTUNE_DATABASE_URL": f"postgresql+psycopg://ragtune@127.0.0.1:{free_port()}/ragtune",
            "RAGTUNE_DATABASE_MIGRATE": "false", "RAGTUNE_ADAPTER_REGISTRY": str(ragtune_home / "adapters")}
     log = tmp_path / "generator.log"
-    proc = start_service_process("services.generator", env, log)
-    try:
+    with _process("services.generator", env, log) as proc:
         wait_serving(address, "ragtune.v1.GeneratorService", timeout=600, proc=proc)
         channel = grpc.insecure_channel(address)
         stub = generator_pb2_grpc.GeneratorServiceStub(channel)
@@ -100,10 +112,6 @@ def test_generator_serves_without_its_database_and_finishes_open_streams_on_sigt
         assert refused == grpc.StatusCode.UNAVAILABLE
         assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
         channel.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_gateway_finishes_open_streams_on_sigterm(tmp_path, generator_server):
@@ -115,8 +123,7 @@ def test_gateway_finishes_open_streams_on_sigterm(tmp_path, generator_server):
            "RAGTUNE_GATEWAY_GENERATOR_ADDRESS": generator_server.address, "RAGTUNE_GATEWAY_RETRIEVER_ADDRESS": dead,
            "RAGTUNE_GATEWAY_TRAINER_ADDRESS": dead, "RAGTUNE_GATEWAY_EVALUATION_WORKERS": "0"}
     log = tmp_path / "gateway.log"
-    proc = start_service_process("gateway", env, log)
-    try:
+    with _process("gateway", env, log) as proc:
         address = f"127.0.0.1:{port}"
         wait_serving(address, "ragtune.v1.GatewayService", timeout=300, proc=proc)
         channel = grpc.insecure_channel(address)
@@ -135,7 +142,3 @@ def test_gateway_finishes_open_streams_on_sigterm(tmp_path, generator_server):
         assert all(o["last"].WhichOneof("event") == "done" for o in outcomes), outcomes
         assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
         channel.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
